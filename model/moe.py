@@ -1,0 +1,218 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeek-V3 report §2.1.2).
+
+forward() is four steps, as Megatron-Core splits them:
+  1. Gate: scores (sigmoid or softmax, float32), group-limited top-k selection on scores plus
+     the aux-loss-free expert bias, gate weights from the unbiased scores.
+  2. Dispatch: token copies are permuted so each expert's tokens are contiguous. The local
+     dispatcher here never communicates; parallel/ swaps in the all-to-all one for expert
+     parallelism (the only MoE code that does).
+  3. Experts: SwiGLU over contiguous segments, grouped GEMM where the device supports it.
+  4. Combine: un-permute and sum the copies weighted by the gate; add the shared experts.
+
+Load balancing is DeepSeek-V3's: the bias `e_score_correction_bias` is used for selection only
+and moved by `update_expert_bias` once per optimizer step (b_i -= γ·sign(load_i − mean load));
+a small sequence-wise balance loss reaches the router as an injected gradient so the module's
+output value is unchanged (pipeline stages need not carry it).
+
+Shapes: N tokens, D dim, E routed experts, F expert hidden, K activated experts, G groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .mlp import MLP
+
+
+class Gate(nn.Module):
+    """Router: returns gate weights (N, K), expert ids (N, K) and all scores (N, E), float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Selection-only bias of the aux-loss-free balancing; float32 whatever the model dtype.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N = x.size(0)
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        biased = scores.detach() + self.e_score_correction_bias
+        if self.n_groups > 1:
+            grouped = biased.view(N, self.n_groups, -1)  # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            # -inf, not 0 as transformers fills: a biased score can be negative.
+            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, indices, scores
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (CPU torch 2.13 has no backward)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(32, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
+        torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with weights stacked per expert, computed over contiguous token segments.
+
+    w1, w3: (E, F, D); w2: (E, D, F) — DeepSeek's per-expert w1/w2/w3, stacked.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) sorted by expert, counts (E,) tokens per expert → (M, D)."""
+        if grouped_mm_supported(x.device.type, x.dtype) and x.size(0) > 0:
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
+            h = h * torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
+        outs = []
+        for e, xe in enumerate(x.split(counts.tolist())):
+            if xe.size(0):
+                outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort token copies by expert, run experts, un-sort, combine."""
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 experts: Experts) -> torch.Tensor:
+        N, K = indices.shape
+        flat = indices.flatten()  # (N*K,) expert id of each token copy
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=experts.n_experts)
+        out = experts(x[order // K], counts)  # (N*K, D) in expert order
+        out = torch.zeros_like(out).index_copy(0, order, out)  # back to (token, k) order
+        return (out.view(N, K, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+
+class _InjectGrad(torch.autograd.Function):
+    """Identity on `out`; in backward, also hands d(aux)=scale to the balance loss's graph."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float):
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, torch.full((), ctx.scale, dtype=torch.float32, device=grad_out.device), None
+
+
+class MoE(nn.Module):
+    """Shared + routed experts. Input and output (B, T, D)."""
+
+    def __init__(self, cfg: ModelConfig, balance_alpha: float = 1e-4):
+        super().__init__()
+        self.dim = cfg.dim
+        self.n_routed_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.score_func = cfg.score_func
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.dispatcher = LocalDispatcher()
+        self.balance_alpha = balance_alpha
+        # Gradient scale of the balance loss: the trainer sets 1/grad_accum so it matches the main loss.
+        self.balance_grad_scale = 1.0
+        self.last_balance_loss = torch.zeros(())
+        # Token copies per expert since the last bias update; summed over micro-batches.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        x_flat = x.reshape(B * T, D)
+        weights, indices, scores = self.gate(x_flat)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        y = self.dispatcher(x_flat, indices, weights, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_flat)
+        y = y.view(B, T, D)
+        if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
+            aux = self.sequence_balance_loss(scores, indices, B, T)
+            self.last_balance_loss = aux.detach()
+            y = _InjectGrad.apply(y, aux, self.balance_grad_scale)
+        return y
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """α Σ_i f_i P_i per sequence, averaged over the batch (DeepSeek-V3 report eqs. 17–20)."""
+        E, K = self.n_routed_experts, self.topk
+        if self.score_func == "sigmoid":
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        p = scores.view(B, T, E).mean(dim=1)  # (B, E)
+        hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.view(B, T * K), torch.ones(B, T * K, device=scores.device))
+        f = hits * (E / (K * T))  # (B, E)
+        return self.balance_alpha * (f * p).sum(dim=-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, gamma: float, reduce_counts=None) -> torch.Tensor:
+    """Aux-loss-free balancing step: b_i -= γ·sign(load_i − mean load) in every MoE layer.
+
+    Call once per optimizer step. `reduce_counts(tensor)` sums the accumulated counts in place
+    over the ranks that route different tokens (data and expert parallel), so every replica
+    applies the same update. Returns the step's (global) load, (n_moe_layers, E), and resets it.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return torch.zeros(0, 0)
+    counts = torch.stack([m.tokens_per_expert for m in layers])  # (L, E)
+    if reduce_counts is not None:
+        reduce_counts(counts)
+    mean = counts.mean(dim=-1, keepdim=True)
+    for m, load, mu in zip(layers, counts, mean):
+        if gamma:
+            m.gate.e_score_correction_bias -= gamma * torch.sign(load - mu)
+        m.tokens_per_expert.zero_()
+    return counts
+
+
+def load_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Mean over layers of max/mean load and of the coefficient of variation, from (L, E) counts."""
+    if counts.numel() == 0:
+        return {}
+    mean = counts.mean(dim=-1).clamp(min=1e-9)
+    return {
+        "expert_load_max_over_mean": (counts.max(dim=-1).values / mean).mean().item(),
+        "expert_load_cv": (counts.std(dim=-1, correction=0) / mean).mean().item(),
+    }

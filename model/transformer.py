@@ -1,0 +1,114 @@
+"""The DeepSeek-V3-family transformer, single-device plain PyTorch.
+
+Layers live in a ModuleDict keyed by str(layer index) and forward is a loop over it, so a
+pipeline split (parallel/) and checkpoint names stay stable, as in torchtitan. No process
+group or collective appears in model/: parallel/ transforms a built model from outside.
+
+Shapes: B batch, T tokens, D dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .linear import init_linear_
+from .moe import Experts, Gate
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+class Losses(NamedTuple):
+    main: torch.Tensor  # next-token cross-entropy
+    mtp: torch.Tensor  # mean over MTP depths of their cross-entropies (0 without MTP)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleDict({str(k): MTPModule(k, cfg) for k in range(cfg.n_mtp_layers)})
+        cos, sin = rope_tables(cfg, cfg.max_seq_len, device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix (DeepSeek-V3 report §4.2), ones for norms."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                init_linear_(m, std)
+            elif isinstance(m, Gate):
+                nn.init.normal_(m.weight, std=std)
+                m.e_score_correction_bias.zero_()
+            elif isinstance(m, Experts):
+                for w in (m.w1, m.w2, m.w3):
+                    nn.init.normal_(w, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _rope(self, T: int, position_ids: torch.Tensor | None):
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            return self.rope_cos[:T], self.rope_sin[:T]
+        return self.rope_cos[position_ids], self.rope_sin[position_ids]
+
+    def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → last hidden state (B, T, D) before the final norm."""
+        cos, sin = self._rope(tokens.size(1), position_ids)
+        h = self.embed(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, attn_mask)
+        return h
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V) of the main head."""
+        return self.head(self.norm(self.hidden(tokens, position_ids, attn_mask)))
+
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> Losses:
+        """Main and MTP cross-entropies; labels (B, T) are input_ids shifted by one (IGNORE_INDEX = skip).
+
+        MTP depth k (1-based) sees h^{k-1} and the embedding of t_{i+k} = labels[:, i+k-1] at
+        positions i < T-k, and predicts labels[:, i+k]. The trainer weights mtp by λ.
+        """
+        h = self.hidden(input_ids, position_ids, attn_mask)
+        main = cross_entropy(self.head(self.norm(h)), labels)
+        if not self.mtp:
+            return Losses(main, main.new_zeros(()))
+        T = input_ids.size(1)
+        cos, sin = self._rope(T, position_ids)
+        next_tokens = labels.clamp(min=0)  # ignored positions still need an embedding input
+        mtp_losses = []
+        for k, module in enumerate(self.mtp.values(), start=1):
+            n = T - k
+            c, s = (cos[:n], sin[:n]) if position_ids is None else (cos[:, :n], sin[:, :n])
+            h = module(h[:, :n], self.embed(next_tokens[:, k - 1:k - 1 + n]), c, s)
+            mtp_losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
+        return Losses(main, torch.stack(mtp_losses).mean())
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
