@@ -43,9 +43,16 @@ class Gate(nn.Module):
         # Selection-only bias of the aux-loss-free balancing; float32 whatever the model dtype.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias: it moves by γ=1e-3 steps.
+        super()._apply(fn, recurse)
+        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N = x.size(0)
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32, as DeepSeek routes
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_groups > 1:
@@ -123,12 +130,12 @@ class _InjectGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float):
-        ctx.scale = scale
+        ctx.scale, ctx.aux_dtype = scale, aux.dtype
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out, torch.full((), ctx.scale, dtype=torch.float32, device=grad_out.device), None
+        return grad_out, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad_out.device), None
 
 
 class MoE(nn.Module):
@@ -151,6 +158,11 @@ class MoE(nn.Module):
         # Token copies per expert since the last bias update; summed over micro-batches.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.tokens_per_expert = self.tokens_per_expert.float()  # counts exceed bf16's exact range
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from model import ConfigError, ModelConfig, Transformer, param_counts
+from train.config import compose, model_config
+
+PRESETS = ["smoke", "tiny", "16b", "236b", "671b"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_validates_and_counts_match_the_built_model(preset):
+    cfg = model_config(compose([f"model={preset}"]).model)
+    assert isinstance(cfg, ModelConfig)
+    device = "cpu" if preset == "smoke" else "meta"  # large ones only on the meta device
+    with torch.device(device):
+        model = Transformer(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == param_counts(cfg, include_mtp=True).total
+
+
+def test_671b_has_671b_total_and_37b_activated():
+    total, activated = param_counts(model_config(compose(["model=671b"]).model))
+    assert abs(total / 671e9 - 1) < 0.01
+    # We count 36.63B activated (embedding excluded: a lookup, not a matmul), 1.01% below the
+    # published figure, which is itself rounded to whole billions: accept that rounding (±0.5B).
+    assert abs(activated - 37e9) <= 0.5e9
+    assert 36.5e9 < activated < 36.7e9
+
+
+def test_236b_has_236b_total_and_21b_activated():
+    total, activated = param_counts(model_config(compose(["model=236b"]).model))
+    assert abs(total / 236e9 - 1) < 0.01
+    assert abs(activated / 21e9 - 1) < 0.01
+
+
+def test_smoke_and_tiny_sizes():
+    assert 1e6 < param_counts(model_config(compose(["model=smoke"]).model)).total < 5e6
+    assert 80e6 < param_counts(model_config(compose(["model=tiny"]).model)).total < 130e6
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_limited_groups=5", "model.n_limited_groups"),  # > n_expert_groups=4
+    ("model.n_routed_experts=18", "model.n_routed_experts"),  # not divisible by 4 groups
+    ("model.n_activated_experts=17", "model.n_activated_experts"),  # > n_routed_experts
+    ("model.qk_rope_head_dim=15", "model.qk_rope_head_dim"),  # odd rope dim
+    ("model.score_func=relu", "model.score_func"),
+    ("model.n_dense_layers=9", "model.n_dense_layers"),
+    ("model.dim=abc", "model.dim"),  # wrong type
+    ("model.foo=1", "model.foo"),  # unknown key
+    ("+model.foo=1", "model.foo"),  # unknown key added with +
+])
+def test_bad_config_is_a_one_line_error_naming_the_field(override, key):
+    with pytest.raises(ConfigError) as info:
+        model_config(compose([override]).model)
+    msg = str(info.value)
+    assert msg.startswith(key), msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_in_a_preset_file_is_named(tmp_path, monkeypatch):
+    import shutil
+
+    import train.config as tc
+
+    conf = tmp_path / "conf"
+    shutil.copytree(tc.CONF_DIR, conf)
+    (conf / "model" / "broken.yaml").write_text((conf / "model" / "smoke.yaml").read_text() + "bogus_key: 3\n")
+    monkeypatch.setattr(tc, "CONF_DIR", conf)
+    with pytest.raises(ConfigError, match=r"^model\.bogus_key"):
+        tc.compose(["model=broken"])
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="model.nonsense"):
+        ModelConfig.from_dict({"nonsense": 1})
