@@ -139,7 +139,7 @@ def test_balance_loss_changes_router_gradient_but_not_the_output():
     f = F.one_hot(idx, E).sum(1).view(3, T, E).sum(1).double() * E / (K * T)
     aux = 0.5 * (f * s.view(3, T, E).mean(1)).sum(-1).mean()
     (expected,) = torch.autograd.grad(aux, moe.gate.weight)
-    torch.testing.assert_close(grads[1] - grads[0], expected, atol=1e-10, rtol=1e-7)
+    torch.testing.assert_close(grads[1] - grads[0], expected, atol=1e-6 * expected.abs().max().item(), rtol=1e-6)
     assert expected.abs().max() > 0
     torch.testing.assert_close(moe.last_balance_loss, aux.detach())
 
