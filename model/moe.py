@@ -84,6 +84,59 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+class _SegmentedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts over contiguous token segments, one GEMM per expert and weight.
+
+    The fallback where torch._grouped_mm has no backward (CPU torch 2.13): a hand-written
+    backward keeps autograd to one node instead of ~10 per expert, and the elementwise parts
+    run once over all segments.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, sizes: list[int]):
+        M, F_ = x.size(0), w1.size(1)
+        h1, h3 = x.new_empty(M, F_), x.new_empty(M, F_)
+        segments = [(e, s, s + n) for e, (s, n) in enumerate(zip(_starts(sizes), sizes)) if n]
+        for e, a, b in segments:
+            torch.mm(x[a:b], w1[e].t(), out=h1[a:b])
+            torch.mm(x[a:b], w3[e].t(), out=h3[a:b])
+        act = F.silu(h1) * h3
+        out = x.new_empty(M, w2.size(1))
+        for e, a, b in segments:
+            torch.mm(act[a:b], w2[e].t(), out=out[a:b])
+        ctx.save_for_backward(x, w1, w2, w3, h1, h3, act)
+        ctx.segments = segments
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, w3, h1, h3, act = ctx.saved_tensors
+        dout = dout.contiguous()
+        dact = torch.empty_like(act)
+        dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
+        for e, a, b in ctx.segments:
+            torch.mm(dout[a:b], w2[e], out=dact[a:b])
+            torch.mm(dout[a:b].t(), act[a:b], out=dw2[e])
+        sig = torch.sigmoid(h1)
+        dh3 = dact * (h1 * sig)
+        dh1 = dact * h3 * sig * (1 + h1 * (1 - sig))
+        dx = torch.empty_like(x)
+        for e, a, b in ctx.segments:
+            torch.mm(dh1[a:b], w1[e], out=dx[a:b])
+            dx[a:b].addmm_(dh3[a:b], w3[e])
+            torch.mm(dh1[a:b].t(), x[a:b], out=dw1[e])
+            torch.mm(dh3[a:b].t(), x[a:b], out=dw3[e])
+        return dx, dw1, dw2, dw3, None
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += n
+    return starts
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with weights stacked per expert, computed over contiguous token segments.
 
@@ -104,11 +157,7 @@ class Experts(nn.Module):
             h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
             h = h * torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs)
             return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
-        outs = []
-        for e, xe in enumerate(x.split(counts.tolist())):
-            if xe.size(0):
-                outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
-        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+        return _SegmentedSwiGLU.apply(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist())
 
 
 class LocalDispatcher:

@@ -99,8 +99,9 @@ def test_moe_matches_naive_per_token_loop_forward_and_backward():
     y_ref = naive_moe(moe, x2)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, moe.experts.w1, moe.gate.weight], g)
-    grads_ref = torch.autograd.grad(y_ref, [x2, moe.experts.w1, moe.gate.weight], g)
+    params = [moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.gate.weight]
+    grads = torch.autograd.grad(y, [x, *params], g)
+    grads_ref = torch.autograd.grad(y_ref, [x2, *params], g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
