@@ -5,6 +5,8 @@ t_{i+k}: h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), runs one trans
 and predicts t_{i+k+1} through its own final norm and the main model's shared output head.
 The concatenation order (embedding first) and the names enorm / hnorm / eh_proj follow the
 released DeepSeek-V3 checkpoint (layer 61), whose order differs from the paper's equation 21.
+h^{k-1} is the normed state that feeds the previous head (Transformer.losses), as vLLM and
+transformers run that layer.
 """
 
 import torch
@@ -25,7 +27,8 @@ class MTPModule(nn.Module):
         self.block = Block(cfg.n_layers + depth, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """h, emb (B, T', D) → the new hidden state h^k (B, T', D), before the final norm."""
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h, emb (B, T', D) → the new hidden state (B, T', D), before this depth's final norm."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, attn_mask)

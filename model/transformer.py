@@ -92,10 +92,12 @@ class Transformer(nn.Module):
         """Main and MTP cross-entropies; labels (B, T) are input_ids shifted by one (IGNORE_INDEX = skip).
 
         MTP depth k (1-based) sees h^{k-1} and the embedding of t_{i+k} = labels[:, i+k-1] at
-        positions i < T-k, and predicts labels[:, i+k]. The trainer weights mtp by λ.
+        positions i < T-k, and predicts labels[:, i+k]. The trainer weights mtp by λ. h^{k-1} is
+        the normed state that feeds the previous depth's head, as vLLM and transformers run the
+        released V3 MTP layer (the main model's final-norm output for k = 1).
         """
-        h = self.hidden(input_ids, position_ids, attn_mask)
-        main = cross_entropy(self.head(self.norm(h)), labels)
+        h = self.norm(self.hidden(input_ids, position_ids, attn_mask))
+        main = cross_entropy(self.head(h), labels)
         if not self.mtp:
             return Losses(main, main.new_zeros(()))
         T = input_ids.size(1)
@@ -105,8 +107,9 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp.values(), start=1):
             n = T - k
             c, s = (cos[:n], sin[:n]) if position_ids is None else (cos[:, :n], sin[:, :n])
-            h = module(h[:, :n], self.embed(next_tokens[:, k - 1:k - 1 + n]), c, s)
-            mtp_losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
+            mask = None if attn_mask is None else attn_mask[..., :n, :n]
+            h = module.norm(module(h[:, :n], self.embed(next_tokens[:, k - 1:k - 1 + n]), c, s, mask))
+            mtp_losses.append(cross_entropy(self.head(h), labels[:, k:]))
         return Losses(main, torch.stack(mtp_losses).mean())
 
 

@@ -188,15 +188,15 @@ def test_mtp_loss_matches_manual_computation():
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     losses = model.losses(inp, labels)
     torch.testing.assert_close(losses.main, F.cross_entropy(model(inp).flatten(0, 1), labels.flatten()))
-    h = model.hidden(inp)
+    h = model.norm(model.hidden(inp))
     T = inp.size(1)
     manual = []
     for k in (1, 2):
         mod = model.mtp[str(k - 1)]
         n = T - k
         x = mod.eh_proj(torch.cat([mod.enorm(model.embed(labels[:, k - 1:k - 1 + n])), mod.hnorm(h[:, :n])], -1))
-        h = mod.block(x, model.rope_cos[:n], model.rope_sin[:n])
-        manual.append(F.cross_entropy(model.head(mod.norm(h)).flatten(0, 1), labels[:, k:].flatten()))
+        h = mod.norm(mod.block(x, model.rope_cos[:n], model.rope_sin[:n]))
+        manual.append(F.cross_entropy(model.head(h).flatten(0, 1), labels[:, k:].flatten()))
     torch.testing.assert_close(losses.mtp, torch.stack(manual).mean())
 
 
