@@ -1,0 +1,35 @@
+"""Data: raw text → tokenized shards (`python -m data.prepare`) → a resumable streaming loader.
+
+Modules: corpus (inputs), tokenizer (byte / Hugging Face), fim (fill-in-the-middle), shards
+(format, manifest, writer, verify), prepare (the CLI), train_tokenizer (byte-level BPE CLI),
+verify (CLI around shards.verify), permutation (the keyed global order), stream (memory-mapped
+reads), loader (ShardedTokenLoader). The package imports nothing heavy until asked: the
+preparation workers never import torch.
+
+For the trainer:
+
+    from data import DataError, ShardedTokenLoader, verify
+    manifest = verify(path, vocab_size=model_cfg.vocab_size)      # before training reads anything
+    loader = ShardedTokenLoader(path, seq_len, micro_batch_size, global_batch_size, dp_rank, dp_size, seed)
+    batch = next(iter(loader)); state = loader.state_dict(); loader.load_state_dict(state)
+"""
+
+from .errors import DataError
+
+__all__ = ["DataError", "ShardedTokenLoader", "verify", "read_manifest", "prepare", "PrepareConfig"]
+
+
+def __getattr__(name: str):
+    if name == "ShardedTokenLoader":
+        from .loader import ShardedTokenLoader
+
+        return ShardedTokenLoader
+    if name in ("verify", "read_manifest"):
+        from . import shards
+
+        return getattr(shards, name)
+    if name in ("prepare", "PrepareConfig"):
+        from . import prepare as _prepare
+
+        return getattr(_prepare, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

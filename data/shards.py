@@ -1,0 +1,322 @@
+"""The on-disk format of a prepared dataset, its manifest, the shard writer, and `verify`.
+
+Layout of a `data.prepare` output folder::
+
+    manifest.json            written last: its presence means the dataset is complete
+    train/00000.bin          token ids, little-endian `dtype`, no header (np.memmap-able as is)
+    train/00000.idx          uint64 little-endian: offsets, within this shard, of the documents
+                             that start in it (sorted)
+    train/00001.bin …
+    val/00000.bin …          the validation split, same format
+
+A split is one token stream: the concatenation of its `.bin` files in order. Every shard holds
+exactly `shard_tokens` tokens except the last of a split, so a document may continue into the
+next shard (its start is recorded only in the shard where it begins). Every document ends
+with the EOS id. Fixed-size shards keep files equal for parallel I/O and let the loader map a
+global token offset to (shard, offset) with one division-free bisect.
+
+manifest.json keys (format_version 1):
+
+- `format` ("moeforge-tokens"), `format_version` (readers refuse a newer one), `dtype` ("uint16"
+  when vocab_size ≤ 65536, else "uint32"), `vocab_size`, `eos_id`, `pad_id` (or null),
+  `shard_tokens`
+- `tokenizer`: {kind, name, vocab_size, sha256 of its file (or of the byte tokenizer's spec)}
+- `source`, `val_source`: identity of the input(s) read; `config`: the preparation options;
+  `run_id`: hash of everything that determines the output (an output folder holds one run)
+- `splits.<name>`: {tokens, documents, max_token_id, fingerprint, shards: [{tokens, documents,
+  data: {file, bytes, sha256}, index: {file, bytes, sha256}}]}; file paths are relative to the
+  folder. `fingerprint` = SHA-256 over the format version, dtype, EOS id and every file hash of
+  the split: the loader's dataset identity (its order depends on it, its state names it).
+
+Files are written under `<name>.tmp`, fsynced, and renamed when complete; `manifest.json` is
+written the same way, last. An interrupted run therefore never leaves a file that looks
+complete but is not, and no manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+FORMAT = "moeforge-tokens"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_DTYPE = np.dtype("<u8")
+_HASH_CHUNK = 8 << 20
+
+
+# ----------------------------------------------------------------------------- small file helpers
+def sha256_file(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = limit
+        while left is None or left > 0:
+            block = f.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write-to-temp, fsync, rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fingerprint(dtype: str, eos_id: int, shards: list[dict]) -> str:
+    h = hashlib.sha256(f"{FORMAT}|{FORMAT_VERSION}|{dtype}|{eos_id}".encode())
+    for s in shards:
+        h.update(f"|{s['data']['sha256']}|{s['index']['sha256']}".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- writer
+class ShardWriter:
+    """Appends documents to one split as fixed-size shards, hashing as it writes.
+
+    `state()` (after `sync()`) is a small dict from which a new writer resumes exactly: the
+    completed shards and the byte lengths of the in-progress `.tmp` files, which a resumed
+    writer truncates to (discarding anything written after the state was taken).
+    """
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int, eos_id: int,
+                 state: dict | None = None):
+        self.root, self.split, self.dtype = root, split, np.dtype(dtype).newbyteorder("<")  # little-endian on disk
+        self.shard_tokens, self.eos_id = int(shard_tokens), int(eos_id)
+        self.dir = root / split
+        self.created: list[Path] = []  # every path this writer made, for cleanup after a user error
+        self.shards: list[dict] = []
+        self.tokens = self.documents = 0
+        self.max_token_id = -1
+        self._files: list | None = None  # open .bin.tmp and .idx.tmp of the shard in progress
+        self._cur_tokens = self._cur_docs = 0
+        if state:
+            self._resume(state)
+
+    # file names
+    def _name(self, i: int, ext: str) -> str:
+        return f"{self.split}/{i:05d}.{ext}"
+
+    def _open(self, resume_lengths: tuple[int, int] | None = None) -> None:
+        if not self.dir.exists():
+            self.dir.mkdir(parents=True)
+            self.created.append(self.dir)
+        i = len(self.shards)
+        paths = [self.root / (self._name(i, ext) + ".tmp") for ext in ("bin", "idx")]
+        self._hashes = [hashlib.sha256(), hashlib.sha256()]
+        if resume_lengths is None:
+            self._files = [open(p, "wb") for p in paths]
+            self.created.extend(paths)
+            return
+        self._files = []
+        for p, n, h in zip(paths, resume_lengths, self._hashes):
+            final = p.with_name(p.name[: -len(".tmp")])
+            if not p.exists() and final.exists():  # renamed after the journal was written: reopen it
+                os.replace(final, p)
+            if not p.exists() or p.stat().st_size < n:
+                raise DataError(f"{p}: shorter than the progress journal says; delete {self.root} and re-run")
+            with open(p, "r+b") as f:
+                f.truncate(n)
+            with open(p, "rb") as f:  # re-hash the kept prefix
+                while block := f.read(_HASH_CHUNK):
+                    h.update(block)
+            self._files.append(open(p, "ab"))
+
+    def _resume(self, state: dict) -> None:
+        self.shards = list(state["shards"])
+        self.tokens, self.documents = state["tokens"], state["documents"]
+        self.max_token_id = state["max_token_id"]
+        cur = state.get("current")
+        if cur:
+            self._cur_tokens, self._cur_docs = cur["tokens"], cur["documents"]
+            self._open((cur["tokens"] * self.dtype.itemsize, cur["documents"] * INDEX_DTYPE.itemsize))
+
+    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Add whole documents: `tokens` back to back, `lengths[i]` tokens for document i."""
+        if len(tokens) == 0:
+            return
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        self.tokens += len(tokens)
+        self.documents += len(lengths)
+        pos = 0
+        while pos < len(tokens):
+            if self._files is None:
+                self._open()
+            take = min(self.shard_tokens - self._cur_tokens, len(tokens) - pos)
+            lo, hi = np.searchsorted(starts, [pos, pos + take])
+            local = (starts[lo:hi] - pos + self._cur_tokens).astype(INDEX_DTYPE)
+            self._write(0, tokens[pos:pos + take])
+            self._write(1, local)
+            self._cur_tokens += take
+            self._cur_docs += int(hi - lo)
+            pos += take
+            if self._cur_tokens == self.shard_tokens:
+                self._close_shard()
+
+    def _write(self, which: int, arr: np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+        self._files[which].write(buf)
+        self._hashes[which].update(buf)
+
+    def _close_shard(self) -> None:
+        i = len(self.shards)
+        entry = {"tokens": self._cur_tokens, "documents": self._cur_docs}
+        for which, ext, key in ((1, "idx", "index"), (0, "bin", "data")):  # .bin last: it marks completion
+            f = self._files[which]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            name = self._name(i, ext)
+            final = self.root / name
+            os.replace(self.root / (name + ".tmp"), final)
+            self.created.append(final)
+            entry[key] = {"file": name, "bytes": final.stat().st_size, "sha256": self._hashes[which].hexdigest()}
+        self.shards.append({k: entry[k] for k in ("tokens", "documents", "data", "index")})
+        _fsync_dir(self.dir)
+        self._files = None
+        self._cur_tokens = self._cur_docs = 0
+
+    def sync(self) -> None:
+        """Make everything written so far durable (so `state()` describes bytes on disk)."""
+        for f in self._files or []:
+            f.flush()
+            os.fsync(f.fileno())
+
+    def state(self) -> dict:
+        cur = {"tokens": self._cur_tokens, "documents": self._cur_docs} if self._files else None
+        return {"shards": list(self.shards), "tokens": self.tokens, "documents": self.documents,
+                "max_token_id": self.max_token_id, "current": cur}
+
+    def finish(self) -> dict:
+        """Close the last (short) shard; the split's manifest entry."""
+        if self._files:
+            self._close_shard()
+        return {"tokens": self.tokens, "documents": self.documents, "max_token_id": self.max_token_id,
+                "fingerprint": fingerprint(self.dtype.name, self.eos_id, self.shards), "shards": list(self.shards)}
+
+    def abort(self) -> None:
+        for f in self._files or []:
+            f.close()
+        self._files = None
+
+
+# ----------------------------------------------------------------------------- reading and checking
+def manifest_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.name == MANIFEST or p.is_file() else p / MANIFEST
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load and structurally check manifest.json (no file hashing). DataError names the file."""
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        if not mpath.parent.exists():
+            raise DataError(f"{mpath.parent}: no such dataset folder")
+        hint = (" (its preparation did not finish: re-run the same data.prepare command to resume)"
+                if any(mpath.parent.glob(".prepare-*")) else " (not a data.prepare output)")
+        raise DataError(f"{mpath}: missing{hint}")
+    try:
+        m = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise DataError(f"{mpath}: not a moeforge token manifest (format is not {FORMAT!r})")
+    version = m.get("format_version")
+    if not isinstance(version, int):
+        raise DataError(f"{mpath}: format_version missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise DataError(f"{mpath}: format version {version} is newer than this moeforge reads "
+                        f"({FORMAT_VERSION}); upgrade moeforge")
+    for key in ("dtype", "vocab_size", "eos_id", "splits", "tokenizer"):
+        if key not in m:
+            raise DataError(f"{mpath}: missing key '{key}'")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{mpath}: dtype {m['dtype']!r} is not uint16 or uint32")
+    m["_path"] = str(mpath)
+    return m
+
+
+def split_entry(m: dict, split: str) -> dict:
+    if split not in m["splits"]:
+        raise DataError(f"{m['_path']}: no split '{split}' (has: {', '.join(m['splits']) or 'none'})")
+    return m["splits"][split]
+
+
+def check_sizes(m: dict, split: str | None = None) -> None:
+    """Every file of the split(s) present with the manifest's size: O(files) stats, no reading."""
+    root = Path(m["_path"]).parent
+    item = np.dtype(m["dtype"]).itemsize
+    for name in [split] if split else list(m["splits"]):
+        for s in split_entry(m, name)["shards"]:
+            for key, expect in (("data", s["tokens"] * item), ("index", s["documents"] * INDEX_DTYPE.itemsize)):
+                f = root / s[key]["file"]
+                if not f.is_file():
+                    raise DataError(f"{f}: missing (listed in {m['_path']})")
+                size = f.stat().st_size
+                if size != s[key]["bytes"] or size != expect:
+                    raise DataError(f"{f}: {size} bytes, manifest says {s[key]['bytes']} "
+                                    f"(truncated or damaged; re-run data.prepare into a new folder)")
+
+
+def verify(path: str | os.PathLike, vocab_size: int | None = None, hashes: bool = True, threads: int = 4) -> dict:
+    """Check a prepared dataset before training reads it; return its manifest.
+
+    Manifest version and structure, every file's size, and (with `hashes`) every file's SHA-256
+    and each split's fingerprint; with `vocab_size`, that every token id fits the model
+    (manifest vocab_size and max_token_id against it). Raises DataError naming the file at
+    fault. Hashing reads the whole dataset once (threads overlap I/O and hashing): call it on
+    one rank per node, before the loader is built.
+    """
+    m = read_manifest(path)
+    check_sizes(m)
+    root = Path(m["_path"]).parent
+    if hashes:
+        jobs = [(root / s[key]["file"], s[key]["sha256"]) for split in m["splits"].values()
+                for s in split["shards"] for key in ("data", "index")]
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            got = list(pool.map(lambda job: sha256_file(job[0]), jobs))
+        for (f, expect), actual in zip(jobs, got):
+            if actual != expect:
+                raise DataError(f"{f}: SHA-256 mismatch (file is corrupted; manifest {m['_path']} "
+                                f"says {expect[:12]}…, file has {actual[:12]}…)")
+        for name, split in m["splits"].items():
+            if split.get("fingerprint") != fingerprint(m["dtype"], m["eos_id"], split["shards"]):
+                raise DataError(f"{m['_path']}: fingerprint of split '{name}' does not match its files")
+    if vocab_size is not None:
+        max_id = max([s.get("max_token_id", -1) for s in m["splits"].values()] + [-1])
+        if m["vocab_size"] > vocab_size or max_id >= vocab_size:
+            raise DataError(f"{m['_path']}: token ids up to {max(max_id, m['vocab_size'] - 1)} (tokenizer vocab "
+                            f"{m['vocab_size']}) do not fit the model's vocab_size {vocab_size}")
+    return m

@@ -1,0 +1,188 @@
+"""Tokenizers for preparation: the built-in byte tokenizer, and any Hugging Face `tokenizer.json`.
+
+- `byte`: ids 0–255 are the UTF-8 bytes, then the special tokens below (vocab 262, well under
+  the smoke model's 512). Needs no file; lossless on any text.
+- a path to a `tokenizer.json`, or a folder holding one (what `transformers`' `save_pretrained`
+  and `tokenizers`' `save` write, and what `python -m data.train_tokenizer` produces). The
+  end-of-document token comes from `tokenizer_config.json`'s `eos_token` when present, else from
+  well-known names; FIM sentinels likewise (needed only when fim_rate > 0).
+
+Document text never turns into control tokens: a source file that literally contains
+"<|eos|>" is encoded as ordinary text (`encode_special_tokens`), so the only EOS ids in a
+shard are the ones preparation appends.
+
+A tokenizer's identity (kind, name, vocab size, SHA-256 of its file) goes into the manifest, so
+a dataset says exactly which vocabulary its ids belong to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import fim
+from .errors import DataError
+
+EOS, PAD, BOS = "<|eos|>", "<|pad|>", "<|bos|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+SPECIAL_TOKENS = [EOS, PAD, BOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]  # byte ids 256…261, in this order
+
+_EOS_NAMES = [EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>"]
+_PAD_NAMES = [PAD, "<pad>", "<|padding|>", "<｜▁pad▁｜>"]
+# (prefix, middle, suffix) sentinels; DeepSeek-Coder's begin/end/hole play those roles.
+_FIM_NAMES = [(FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX), ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"),
+              ("<｜fim▁begin｜>", "<｜fim▁end｜>", "<｜fim▁hole｜>")]
+
+@dataclass(frozen=True)
+class FimIds:
+    prefix: int
+    middle: int
+    suffix: int
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0–255, then SPECIAL_TOKENS from 256."""
+
+    kind = "byte"
+    name = "byte"
+
+    def __init__(self):
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self.eos_id = 256 + SPECIAL_TOKENS.index(EOS)
+        self.pad_id = 256 + SPECIAL_TOKENS.index(PAD)
+        self.fim = FimIds(*(256 + SPECIAL_TOKENS.index(t) for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                out.append(run.decode("utf-8", errors="replace"))
+                run = bytearray()
+                out.append(SPECIAL_TOKENS[i - 256] if i - 256 < len(SPECIAL_TOKENS) else f"<|{i}|>")
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def identity(self) -> dict:
+        spec = json.dumps({"bytes": 256, "special_tokens": SPECIAL_TOKENS}).encode()
+        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
+                "sha256": hashlib.sha256(spec).hexdigest()}
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` loaded from tokenizer.json."""
+
+    kind = "huggingface"
+
+    def __init__(self, spec: str):
+        from tokenizers import Tokenizer
+
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DataError(f"tokenizer={spec}: no such file or folder (use 'byte', a tokenizer.json, "
+                            "or a folder saved by transformers/tokenizers)")
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"tokenizer={spec}: no tokenizer.json in this folder")
+        raw = file.read_bytes()
+        try:
+            self.tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+            raise DataError(f"tokenizer={file}: not a Hugging Face tokenizer.json ({exc})") from None
+        self.tok.encode_special_tokens = True  # document text never becomes a control token
+        self.file = file
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.name = file.parent.name if file.name == "tokenizer.json" else file.stem
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        config = self._config(file.parent)
+        self.eos_id = self._find(spec, vocab, config.get("eos_token"), _EOS_NAMES, "end-of-document (eos)")
+        pad = self._lookup(vocab, config.get("pad_token"), _PAD_NAMES)
+        self.pad_id = pad
+        self.fim = None
+        for names in _FIM_NAMES:
+            if all(n in vocab for n in names):
+                self.fim = FimIds(*(vocab[n] for n in names))
+                break
+
+    @staticmethod
+    def _config(folder: Path) -> dict:
+        cfg = folder / "tokenizer_config.json"
+        try:
+            return json.loads(cfg.read_text()) if cfg.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _lookup(vocab: dict, configured, names: list[str]) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        if isinstance(configured, str) and configured in vocab:
+            return vocab[configured]
+        for n in names:
+            if n in vocab:
+                return vocab[n]
+        return None
+
+    def _find(self, spec, vocab, configured, names, what) -> int:
+        found = self._lookup(vocab, configured, names)
+        if found is None:
+            raise DataError(f"tokenizer={spec}: no {what} token (set eos_token in tokenizer_config.json, "
+                            f"or add one of {', '.join(names[:4])})")
+        return found
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size, "sha256": self.sha256}
+
+def load_tokenizer(spec: str):
+    """`byte`, or a path to a tokenizer.json / a folder holding one. DataError when unusable."""
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (halves disk and page cache), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+def encode_documents(tok, texts: list[str], first_index: int, dtype: np.dtype,
+                     fim_rate: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents first_index, first_index+1, …: their ids back to back (each ending in EOS,
+    FIM applied where drawn) as `dtype`, and the length of each document."""
+    spans = fim.plan(texts, first_index, fim_rate, seed)
+    encoded = tok.encode_batch(fim.pieces(texts, spans))
+    lengths = np.empty(len(texts), dtype=np.int64)
+    j = 0
+    for i, span in enumerate(spans):
+        n = 1 if span is None else 3
+        lengths[i] = sum(len(e) for e in encoded[j:j + n]) + 1 + (0 if span is None else 3)
+        j += n
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    pos, j = 0, 0
+    for span in spans:
+        if span is None:
+            e = encoded[j]
+            out[pos:pos + len(e)] = e
+            pos += len(e)
+            j += 1
+        else:  # PSM: <prefix> prefix <suffix> suffix <middle> middle
+            for sentinel, e in zip((tok.fim.prefix, tok.fim.suffix, tok.fim.middle), encoded[j:j + 3]):
+                out[pos] = sentinel
+                out[pos + 1:pos + 1 + len(e)] = e
+                pos += 1 + len(e)
+            j += 3
+        out[pos] = tok.eos_id
+        pos += 1
+    return out, lengths
