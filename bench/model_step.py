@@ -47,11 +47,12 @@ def build_config(name: str) -> ModelConfig:
 
 
 def hf_model(cfg: ModelConfig, experts_impl: str):
-    from model.hf import to_hf_config
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = to_hf_config(cfg)
-    hf_cfg._attn_implementation = "sdpa"
+    from model.hf import to_hf_config
+
+    d = to_hf_config(cfg)
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     hf_cfg._experts_implementation = experts_impl
     return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
 

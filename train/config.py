@@ -18,12 +18,76 @@ from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError, ModelConfig
 
+from .log import LoggingConfig
+from .schedule import OptimConfig, ScheduleConfig
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `path` is a `data.prepare` output folder (train/ and val/ shard sets)."""
+
+    path: str = ""
+    # When set and `path` holds no prepared dataset: prepare this input (e.g. "stdlib") with
+    # `tokenizer` first, once, into `path` (or a cache folder when `path` is empty).
+    prepare_input: str = ""
+    tokenizer: str = "byte"
+    num_workers: int = 1  # background readers; the order of sequences does not depend on it
+    document_aware: bool = False  # position ids restart per document; labels never cross one
+
+
+@dataclass
+class ParallelConfig:
+    """Layout: world = pp × dp; expert parallelism (ep) lives inside dp."""
+
+    pp: int = 1
+    ep: int = 1
+    zero_stage: int = 1  # 0, 1 or 2 (pipelines allow 0 or 1)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 = never
+    eval_batches: int = 8  # validation micro-batches per rank per evaluation
+    global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per rank per forward
+    seq_len: int = 256
+    device: str = "auto"  # auto (cuda when visible, else cpu) | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile each transformer block
+    deterministic: bool = False  # deterministic algorithms (parity tests)
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+
+
+@dataclass
+class Fp8Config:
+    backend: str = "off"  # off (the FP8 issue adds te | torch | emulated)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" = <run dir>/checkpoints
+    interval: int = 0  # steps between saves; 0 = only at the end
+    keep: int = 3
+    resume: str = "auto"
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register_schemas() -> None:
@@ -56,6 +120,59 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
             return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(format_config_error(exc)) from None
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed DictConfig as typed dataclasses, validated (ConfigError names the key)."""
+    known = {f.name for f in fields(Config)}
+    for key in cfg:
+        if key not in known and key != "hydra":
+            raise ConfigError(f"{key}: unknown config group or key")
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(format_config_error(exc)) from None
+    typed.model = model_config(cfg.model)
+    return validate(typed)
+
+
+def validate(cfg: Config) -> Config:
+    """Relations between groups that types cannot express. Runs before any process group."""
+    t, p = cfg.trainer, cfg.parallel
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_interval"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"trainer.{name}={getattr(t, name)}: must be > 0")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"trainer.seq_len={t.seq_len}: exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"trainer.device={t.device!r}: must be auto, cpu or cuda")
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"trainer.dtype={t.dtype!r}: must be auto, fp32 or bf16")
+    if p.pp < 1 or p.ep < 1:
+        raise ConfigError(f"parallel.pp={p.pp}, parallel.ep={p.ep}: must be >= 1")
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1 or 2 (ZeRO-3 is not supported)")
+    if cfg.checkpoint.interval != 0:
+        raise ConfigError(f"checkpoint.interval={cfg.checkpoint.interval}: checkpoint saving arrives with the "
+                          "checkpoint issue; leave it at 0")
+    if cfg.fp8.backend != "off":
+        raise ConfigError(f"fp8.backend={cfg.fp8.backend!r}: only 'off' exists so far")
+    return cfg
+
+
+def check_layout(cfg: Config, world_size: int) -> int:
+    """Validate the parallel layout against the world size; return dp. Before any process group."""
+    t, p = cfg.trainer, cfg.parallel
+    if world_size % p.pp:
+        raise ConfigError(f"parallel.pp={p.pp}: does not divide the world size {world_size}")
+    dp = world_size // p.pp
+    if p.pp > 1 or p.ep > 1:
+        raise ConfigError(f"parallel.pp={p.pp}, parallel.ep={p.ep}: pipeline and expert parallelism "
+                          "arrive with the parallelism issue; use pp=1 ep=1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size}: not divisible by "
+                          f"trainer.micro_batch_size={t.micro_batch_size} × dp={dp}")
+    return dp
 
 
 def model_config(node: DictConfig) -> ModelConfig:

@@ -1,0 +1,124 @@
+"""The trainer's command line end to end: `python -m train` and `torchrun -m train` on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_train(args: list[str], tmp_path: Path, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOEFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small stdlib corpus prepared with the byte tokenizer (shared by the tests of this file)."""
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    r = subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={out}", "tokenizer=byte",
+                        "max_chars=3000000", "val_fraction=0.05", "progress=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+TINY = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.log_interval=1",
+        "trainer.eval_interval=0", "logging.wandb.mode=disabled", "logging.progress_bar=false", "trainer.threads=1"]
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.bogus=1", "trainer.bogus"),
+    ("trainer.max_steps=many", "trainer.max_steps"),
+    ("trainer.global_batch_size=5", "trainer.global_batch_size=5"),
+    ("model.n_limited_groups=7", "model.n_limited_groups"),
+    ("parallel.zero_stage=3", "parallel.zero_stage"),
+])
+def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
+    run_dir = tmp_path / "run"
+    r = run_train([f"data.path={dataset}", override, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert_user_error(r, needle)
+    assert not run_dir.exists()  # failed before any output was written
+
+
+def test_data_path_without_manifest_is_named(tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    r = run_train([f"data.path={empty}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_user_error(r, str(empty / "manifest.json"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_mismatch_between_data_and_model_is_named(tmp_path, dataset):
+    r = run_train([f"data.path={dataset}", "model.vocab_size=200", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_user_error(r, "manifest.json", "model.vocab_size=200")
+
+
+def test_non_finite_loss_stops_with_step_and_exit_code(tmp_path, dataset):
+    run_dir = tmp_path / "run"
+    r = run_train([f"data.path={dataset}", *TINY, "trainer.max_steps=5", "model.init_std=1e38",
+                   f"hydra.run.dir={run_dir}"], tmp_path)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "non-finite loss at step 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_single_process_run_writes_run_directory(tmp_path, dataset):
+    run_dir = tmp_path / "run"
+    r = run_train([f"data.path={dataset}", *TINY, "trainer.max_steps=6", "trainer.eval_interval=3",
+                   "trainer.eval_batches=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "moeforge run summary" in r.stdout
+    train = metrics(run_dir)
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "expert_load_cv",
+                "tokens_seen", "gpu_hours"):
+        assert key in train[-1], key
+    assert train[-1]["tokens_seen"] == 6 * 4 * 64
+    evals = metrics(run_dir, "eval")
+    assert [m["step"] for m in evals] == [3, 6] and all(m["val_loss"] > 0 for m in evals)
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["git"]["commit"] and prov["packages"]["torch"]
+    assert "trainer:" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_dp2_losses_match_dp1_with_the_same_global_batch(tmp_path, dataset):
+    common = [f"data.path={dataset}", *TINY, "trainer.max_steps=8", "trainer.deterministic=true",
+              "data.num_workers=0"]
+    r1 = run_train([*common, f"hydra.run.dir={tmp_path / 'dp1'}"], tmp_path)
+    assert r1.returncode == 0, r1.stderr
+    r2 = run_train([*common, f"hydra.run.dir={tmp_path / 'dp2'}"], tmp_path, nproc=2)
+    assert r2.returncode == 0, r2.stderr
+    a, b = metrics(tmp_path / "dp1"), metrics(tmp_path / "dp2")
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+        assert abs(x["mtp_loss"] - y["mtp_loss"]) <= 1e-5 * abs(x["mtp_loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * abs(x["grad_norm"])
+    assert a[-1]["loss"] < a[0]["loss"]  # it learns

@@ -1,0 +1,126 @@
+"""`python -m train [hydra overrides]` — and `torchrun --nproc_per_node N -m train …`.
+
+parse → validate (before any process group or model) → init distributed → data → train → summary.
+A user's mistake ends with one line `error: …` and exit code 2; a run that must stop (a
+non-finite loss) with one line and exit code 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from model.config import ConfigError
+
+EXIT_USER_ERROR = 2
+EXIT_TRAIN_ERROR = 3
+
+
+def split_run_dir(argv: list[str]) -> tuple[list[str], str | None]:
+    """Take `hydra.run.dir=…` out of the overrides (we compose with Hydra's API, not @hydra.main)."""
+    rest, run_dir = [], None
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            run_dir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\nGroups and keys: docs/config.md. Example: python -m train +experiment=smoke")
+        return 0
+    from omegaconf import OmegaConf
+
+    from data.errors import DataError
+    from parallel.engine import DistEnv
+
+    from .config import check_layout, compose, to_config
+    from .data_setup import check_dataset
+
+    env = DistEnv.from_environ()
+    overrides, run_dir_arg = split_run_dir(argv)
+    try:
+        composed = compose(overrides)
+        cfg = to_config(composed)
+        check_layout(cfg, env.world_size)
+        check_dataset(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    resolved_yaml = OmegaConf.to_yaml(composed)
+    return _run(cfg, env, run_dir_arg, resolved_yaml)
+
+
+def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
+    from .trainer import TrainError, resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    import torch.distributed as dist
+
+    from data.errors import DataError
+    from parallel.engine import init_distributed
+
+    from . import provenance
+    from .data_setup import build_loaders, ensure_dataset, unigram_entropy
+    from .trainer import Trainer
+
+    init_distributed(device)
+    try:
+        run_dir = Path(run_dir_arg or time.strftime("outputs/%Y-%m-%d/%H-%M-%S"))
+        holder = [str(run_dir.resolve())]
+        dist.broadcast_object_list(holder, src=0)  # every rank writes under rank 0's directory
+        run_dir = Path(holder[0])
+        if env.rank == 0:
+            provenance.write(run_dir, resolved_yaml, {"world_size": env.world_size})
+        try:
+            data_path = ensure_dataset(cfg, env.rank)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        trainer = Trainer(cfg, run_dir, env.world_size, env.rank)
+        train_loader, val_factory = build_loaders(cfg, data_path, dp_rank=env.rank % trainer.dp, dp_size=trainer.dp)
+        trainer.setup(train_loader, val_factory)
+        try:
+            summary = trainer.fit()
+        except TrainError as exc:
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_TRAIN_ERROR
+        finally:
+            trainer.close()
+        if env.rank == 0:
+            _print_summary(summary, run_dir, unigram_entropy(data_path))
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _print_summary(summary: dict, run_dir: Path, entropy: float | None) -> None:
+    from .report import render
+
+    plots = render(run_dir)
+    lines = ["", "== moeforge run summary =="]
+    lines.append(f"final train loss   {summary.get('train_loss', float('nan')):.4f} nats/token")
+    if "val_loss" in summary:
+        lines.append(f"final val loss     {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})")
+    if entropy is not None:
+        lines.append(f"unigram entropy    {entropy:.4f} nats/token (a model that ignores context)")
+    tok_s = summary.get("tokens_per_s")
+    lines.append(f"throughput         {tok_s:,.0f} tokens/s" if tok_s else "throughput         n/a")
+    lines.append(f"elapsed            {summary.get('elapsed_s', 0):.1f} s, {summary.get('tokens_seen', 0):,} tokens")
+    lines.append(f"run directory      {run_dir}")
+    lines.append(f"metrics            {run_dir / 'metrics.jsonl'}")
+    lines.append(f"plots              {', '.join(str(p) for p in plots) if plots else 'none'}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The training loop: one loop for every layout, DeepSpeed as the engine.
+
+Per optimizer step: draw grad_accum micro-batches from the stateful loader, forward through
+the DeepSpeed engine (main CE + λ·MTP; the MoE balance loss arrives as an injected
+gradient), backward, step; then the expert-bias update from the step's global expert load
+(all-reduced over data-parallel ranks so every replica applies the same update), metrics,
+evaluation. The pipeline path (parallel issue) slots in behind `_forward_backward`.
+
+Global batch semantics: each loader batch is one micro-batch on every rank and an optimizer
+step consumes grad_accum of them; the loader slices each global batch over ranks so the set
+of sequences in a step is the same for any dp (the data issue's exactly-once property), which
+is what makes dp=1 and dp=2 losses equal. With a batch-size ramp the loader runs on the
+micro-step grid (micro × dp) and the ramp only changes grad_accum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model import Transformer, flops_per_token, moe_layers, update_expert_bias
+from model.config import ConfigError
+from parallel import engine as ds_engine
+
+from . import metrics as M
+from .config import Config
+from .log import MetricsLogger
+from .schedule import gamma_at, global_batch_at, lr_at, mtp_lambda_at, param_groups
+
+
+class TrainError(RuntimeError):
+    """A run that must stop (non-finite loss…): one line for the user, non-zero exit."""
+
+
+class LossModule(nn.Module):
+    """What the engine runs: the model's losses combined as main + λ·MTP."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self.mtp_lambda = 0.3
+
+    def forward(self, input_ids, labels, position_ids=None):
+        losses = self.model.losses(input_ids, labels, position_ids)
+        return losses.main + self.mtp_lambda * losses.mtp, losses.main.detach(), losses.mtp.detach()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, world_size: int, rank: int):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.rank = rank
+        self.world_size = world_size
+        self.dp = world_size // cfg.parallel.pp
+        self.device = resolve_device(cfg.trainer.device)
+        self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
+        t = cfg.trainer
+        self.granularity = t.micro_batch_size * self.dp
+        self.tokens_per_step_final = t.global_batch_size * t.seq_len
+        self.total_tokens = t.max_steps * self.tokens_per_step_final
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_finite_loss = float("nan")
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, train_loader, val_loader_factory) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(t.seed)
+        with torch.device(self.device):
+            self.model = Transformer(cfg.model)
+        for moe in moe_layers(self.model):
+            moe.balance_alpha = t.balance_alpha
+        if t.compile:
+            for block in self.model.layers.values():
+                block.compile()
+        self.module = LossModule(self.model)
+        groups = param_groups(self.model, cfg.optim.weight_decay)
+        ga = t.global_batch_size // self.granularity
+        ds_cfg = ds_engine.deepspeed_config(
+            micro_batch_size=t.micro_batch_size, grad_accum=ga, zero_stage=cfg.parallel.zero_stage,
+            grad_clip=cfg.optim.grad_clip, bf16=self.dtype == torch.bfloat16, lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+            device_type=self.device.type)
+        self.engine, self.optimizer = ds_engine.initialize(self.module, groups, ds_cfg)
+        self.grad_accum = ga
+        self.train_loader = train_loader
+        self.train_iter = iter(train_loader)
+        self.val_loader_factory = val_loader_factory
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging, self.rank, t.max_steps, run_config=asdict(cfg))
+
+    # ------------------------------------------------------------------ loop
+    def _all_reduce_mean(self, values: list[float]) -> list[float]:
+        buf = torch.tensor(values, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(buf)
+            buf /= self.dp
+        return buf.tolist()
+
+    def _set_batch_size(self) -> None:
+        t = self.cfg.trainer
+        gb = global_batch_at(self.cfg.schedule, self.tokens_seen, t.global_batch_size, self.granularity)
+        ga = gb // self.granularity
+        if ga != self.grad_accum:
+            self.engine.set_train_batch_size(gb)
+            self.grad_accum = ga
+        for moe in moe_layers(self.model):
+            moe.balance_grad_scale = 1.0 / ga  # as DeepSpeed scales the main loss
+
+    def _batch(self) -> dict:
+        batch = next(self.train_iter)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in
+                ("input_ids", "labels", "position_ids")}
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        self._set_batch_size()
+        lr = lr_at(cfg.schedule, cfg.optim.lr, self.step, t.max_steps, self.tokens_seen, self.total_tokens)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.module.mtp_lambda = mtp_lambda_at(cfg.schedule, self.tokens_seen, self.total_tokens)
+        sums = [0.0, 0.0, 0.0]  # main, mtp, balance
+        for micro in range(self.grad_accum):
+            batch = self._batch()
+            total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
+            sums[0] += main.item() / self.grad_accum
+            sums[1] += mtp.item() / self.grad_accum
+            sums[2] += sum(m.last_balance_loss.item() for m in moe_layers(self.model)) / self.grad_accum
+            if micro == self.grad_accum - 1:
+                # Agree on the step's loss before the update is applied: a non-finite loss stops
+                # every rank here, with the parameters of the last good step.
+                sums = self._all_reduce_mean(sums)
+                if not math.isfinite(sums[0]) or not math.isfinite(sums[1]):
+                    raise TrainError(f"non-finite loss at step {self.step + 1} "
+                                     f"(last finite loss {self.last_finite_loss:.4f})")
+            self.engine.backward(total)
+            self.engine.step()
+        reduce = (lambda c: dist.all_reduce(c)) if self.world_size > 1 else None
+        gamma = gamma_at(cfg.schedule, self.tokens_seen, self.total_tokens)
+        load = update_expert_bias(self.model, gamma, reduce_counts=reduce)
+        tokens = self.grad_accum * self.granularity * t.seq_len
+        self.step += 1
+        self.tokens_seen += tokens
+        self.last_finite_loss = sums[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": sums[0], "mtp_loss": sums[1], "balance_loss": sums[2], "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "mtp_lambda": self.module.mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        t = self.cfg.trainer
+        self.model.eval()
+        loader = self.val_loader_factory()
+        total, n = 0.0, 0
+        for i, batch in enumerate(loader):
+            if i >= t.eval_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            total += self.model.losses(batch["input_ids"], batch["labels"], batch.get("position_ids")).main.item()
+            n += 1
+        self.model.train()
+        if n == 0:
+            return {}
+        (val,) = self._all_reduce_mean([total / n])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        self.model.train()
+        throughput = M.Throughput()
+        start = time.perf_counter()
+        summary = {}
+        while self.step < t.max_steps:
+            out = self.train_step()
+            throughput.update(out["tokens"], time.perf_counter())
+            self.logger.progress(self.step)
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                self.logger.log(self.step, self._metrics(out, throughput, time.perf_counter() - start),
+                                histograms=self._histograms(out["load"]))
+            summary["train_loss"] = out["loss"]
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+                ev = self.evaluate()
+                if ev:
+                    self.logger.log(self.step, {"kind": "eval", **ev})
+                    summary.update(ev)
+        summary["tokens_per_s"] = throughput.overall()
+        summary["elapsed_s"] = time.perf_counter() - start
+        summary["tokens_seen"] = self.tokens_seen
+        return summary
+
+    def _metrics(self, out: dict, throughput, elapsed: float) -> dict:
+        lc = self.cfg.logging
+        tok_s = throughput.rate()
+        per_device = tok_s / self.world_size if tok_s else None
+        peak = M.peak_tflops(self.device, override=lc.peak_tflops)
+        load = out["load"]
+        rec = {"kind": "train", "loss": out["loss"], "mtp_loss": out["mtp_loss"], "balance_loss": out["balance_loss"],
+               "lr": out["lr"], "grad_norm": out["grad_norm"], "mtp_lambda": out["mtp_lambda"],
+               "bias_gamma": out["bias_gamma"], "tokens_seen": self.tokens_seen, "tokens_per_s": tok_s,
+               "tflops_per_device": M.model_tflops(self.flops_per_token, per_device) if per_device else None,
+               "mfu": M.mfu(self.flops_per_token, per_device, peak) if per_device else None,
+               "time": elapsed}
+        rec.update(M.memory_stats(self.device))
+        if load.numel():
+            rec.update(M.expert_load_summary(load))
+            biases = torch.stack([m.gate.e_score_correction_bias for m in moe_layers(self.model)])
+            rec.update(M.bias_summary(biases))
+        rec.update(M.gpu_hours_and_cost(elapsed, self.world_size, lc.price_per_gpu_hour, self.tokens_seen,
+                                        self.total_tokens))
+        return rec
+
+    def _histograms(self, load: torch.Tensor) -> dict:
+        if not load.numel():
+            return {}
+        return {f"expert_load/layer_{i}": row.tolist() for i, row in enumerate(load)}
+
+    def close(self) -> None:
+        self.logger.close()
