@@ -105,6 +105,20 @@ def test_single_process_run_writes_run_directory(tmp_path, dataset):
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["packages"]["torch"]
     assert "trainer:" in (run_dir / "config.yaml").read_text()
+    from PIL import Image  # the summary renders the report's plots from this real run
+
+    for name in ("loss.png", "lr.png", "throughput.png", "expert_load.png"):
+        with Image.open(run_dir / "plots" / name) as im:
+            assert im.size == (1200, 800)
+
+
+def test_smoke_experiment_composes_to_the_documented_run():
+    from train.config import compose, to_config
+
+    cfg = to_config(compose(["+experiment=smoke"]))
+    assert cfg.data.prepare_input == "stdlib" and cfg.data.tokenizer == "byte"
+    assert cfg.model.dim == 128 and cfg.model.n_mtp_layers == 1
+    assert cfg.trainer.max_steps == 200 and cfg.logging.wandb.mode == "offline"
 
 
 @pytest.mark.slow
