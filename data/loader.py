@@ -319,7 +319,10 @@ class _Iterator:
                     break
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the queue module may already be torn down
+            pass
 
 
 def _produce(loader: ShardedTokenLoader, start: tuple[int, int], limit: int | None, i: int, k: int,
