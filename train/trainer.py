@@ -173,6 +173,10 @@ class Trainer:
                     raise TrainError(f"non-finite loss at step {self.step + 1} "
                                      f"(last finite loss {self.last_finite_loss:.4f})")
             self.engine.backward(total)
+            if micro == self.grad_accum - 1 and self.dp == 1:
+                # ZeRO stage 0 does not report the norm: take it before DeepSpeed clips.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                own_norm = torch.nn.utils.get_total_norm(grads).item()
             self.engine.step()
         reduce = (lambda c: dist.all_reduce(c)) if self.world_size > 1 else None
         gamma = gamma_at(cfg.schedule, self.tokens_seen, self.total_tokens)
@@ -181,7 +185,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens
         self.last_finite_loss = sums[0]
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if self.dp == 1 else self.engine.get_global_grad_norm()
         return {"loss": sums[0], "mtp_loss": sums[1], "balance_loss": sums[2], "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "mtp_lambda": self.module.mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load}

@@ -100,6 +100,7 @@ def test_single_process_run_writes_run_directory(tmp_path, dataset):
                 "tokens_seen", "gpu_hours"):
         assert key in train[-1], key
     assert train[-1]["tokens_seen"] == 6 * 4 * 64
+    assert all(m["grad_norm"] > 0 for m in train)
     evals = metrics(run_dir, "eval")
     assert [m["step"] for m in evals] == [3, 6] and all(m["val_loss"] > 0 for m in evals)
     prov = json.loads((run_dir / "provenance.json").read_text())
