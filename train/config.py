@@ -139,6 +139,9 @@ def to_config(cfg: DictConfig) -> Config:
 def validate(cfg: Config) -> Config:
     """Relations between groups that types cannot express. Runs before any process group."""
     t, p = cfg.trainer, cfg.parallel
+    cfg.optim.validate()
+    cfg.schedule.validate()
+    cfg.logging.validate()
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_interval"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"trainer.{name}={getattr(t, name)}: must be > 0")

@@ -17,7 +17,8 @@ metrics.jsonl are documented in docs/metrics.md.
   empty wandb run, and construction stays cheap), as torchtitan's WandBLogger does it:
   `wandb.init(dir=run_dir, config=…)`. mode=disabled never imports wandb; mode=offline writes
   under run_dir/wandb and needs no account or network. Scalars are logged as they are, 1-D
-  lists as `key/i`, and `histograms` as wandb.Histogram.
+  lists as `key/i`, and `histograms` as wandb.Histogram. wandb's system-metrics sampler is
+  off unless logging.wandb.system_metrics (it slowed the 2-core smoke run, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ class WandbConfig:
     mode: online | offline (files under <run dir>/wandb, sync later with `wandb sync`) |
         disabled (wandb is never imported).
     project, entity, name: wandb's own; None = wandb's default.
+    system_metrics: wandb's background sampler of CPU/GPU/disk/network use. Off by default:
+        on the 2-core CPU smoke run it caused periodic 2× slow intervals (bench/RESULTS.md,
+        "Smoke run"); turn it on where spare cores exist and GPU power/utilisation matter.
     """
 
     mode: str = "disabled"
     project: str = "moeforge"
     entity: str | None = None
     name: str | None = None
+    system_metrics: bool = False
 
 
 @dataclass
@@ -204,7 +209,8 @@ class MetricsLogger:
         if self._wandb is None:
             w = self.cfg.wandb
             self._wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, name=w.name,
-                                     dir=str(self.run_dir), config=self.run_config)
+                                     dir=str(self.run_dir), config=self.run_config,
+                                     settings=wandb.Settings(x_disable_stats=not w.system_metrics))
         data = {}
         for key, value in record.items():
             if key in ("step", "kind", "wall") or value is None or isinstance(value, (bool, str)):
