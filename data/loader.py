@@ -204,6 +204,12 @@ class ShardedTokenLoader:
         bounds = np.concatenate([np.arange(m) * L, rows * L + cols, [m * L]])
         batch["cu_seqlens"] = torch.from_numpy(np.sort(bounds).astype(np.int32))
 
+    def close(self) -> None:
+        """Stop and join the live iterator's reader threads (call before the process exits)."""
+        it = self._active() if self._active else None
+        if it is not None:
+            it.close()
+
     def __iter__(self):
         old = self._active() if self._active else None
         if old is not None:
@@ -317,6 +323,13 @@ class _Iterator:
                     q.get_nowait()
                 except queue.Empty:
                     break
+        # Join the readers: a daemon thread still inside a torch op when the interpreter exits is
+        # killed by a forced unwind through C++ frames, and the process aborts ("terminate called
+        # without an active exception"). A reader notices `stop` within one batch read + 0.1 s.
+        me = threading.current_thread()
+        for t in self.threads:
+            if t is not me and t.is_alive():
+                t.join(timeout=30)
 
     def __del__(self):
         try:

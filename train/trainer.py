@@ -196,12 +196,15 @@ class Trainer:
         self.model.eval()
         loader = self.val_loader_factory()
         total, n = 0.0, 0
-        for i, batch in enumerate(loader):
-            if i >= t.eval_batches:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            total += self.model.losses(batch["input_ids"], batch["labels"], batch.get("position_ids")).main.item()
-            n += 1
+        try:
+            for i, batch in enumerate(loader):
+                if i >= t.eval_batches:
+                    break
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                total += self.model.losses(batch["input_ids"], batch["labels"], batch.get("position_ids")).main.item()
+                n += 1
+        finally:
+            loader.close()
         self.model.train()
         if n == 0:
             return {}
@@ -259,4 +262,6 @@ class Trainer:
         return {f"expert_load/layer_{i}": row.tolist() for i, row in enumerate(load)}
 
     def close(self) -> None:
+        if getattr(self, "train_loader", None) is not None:
+            self.train_loader.close()  # join its reader threads before the interpreter exits
         self.logger.close()

@@ -311,3 +311,17 @@ def test_batches_are_long_tensors_of_the_right_shape(corpus):
     assert b["input_ids"].shape == b["labels"].shape == (3, 255) and b["index"].shape == (3,)
     assert b["input_ids"].is_contiguous() and b["labels"].is_contiguous()
     assert int(b["input_ids"].max()) < 262 and int(b["input_ids"].min()) >= 0
+
+
+def test_close_joins_the_reader_threads_before_returning(corpus):
+    """A daemon reader still inside a torch op at interpreter exit aborts the process; close() joins them."""
+    import threading
+
+    ld = ShardedTokenLoader(corpus, 255, MICRO, GLOBAL, 0, 1, seed=0, num_workers=2)
+    it = iter(ld)
+    next(it)
+    threads = list(it.threads)
+    assert threads and all(t.is_alive() for t in threads)
+    ld.close()
+    assert not any(t.is_alive() for t in threads)
+    assert not [t for t in threading.enumerate() if t in threads]
