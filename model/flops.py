@@ -28,7 +28,8 @@ def _attention_params(cfg: ModelConfig) -> int:
     return q + D * (kv + R) + kv + kv * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * D
 
 
-def _block_params(cfg: ModelConfig, layer_id: int) -> ParamCounts:
+def block_params(cfg: ModelConfig, layer_id: int) -> ParamCounts:
+    """Total and activated parameters of transformer block `layer_id` (ids past n_layers: MTP blocks)."""
     D = cfg.dim
     common = _attention_params(cfg) + 2 * D  # + attn_norm, ffn_norm
     if not cfg.is_moe_layer(layer_id):
@@ -52,7 +53,7 @@ def param_counts(cfg: ModelConfig, include_mtp: bool = False) -> ParamCounts:
         total += extra
         activated += extra
     for i in layer_ids:
-        t, a = _block_params(cfg, i)
+        t, a = block_params(cfg, i)
         total += t
         activated += a
     return ParamCounts(total, activated)

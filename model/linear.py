@@ -18,6 +18,3 @@ def linear(in_features: int, out_features: int, name: str = "") -> nn.Module:
     del name  # only the high-precision backend exists so far
     return nn.Linear(in_features, out_features, bias=False)
 
-
-def init_linear_(module: nn.Module, std: float) -> None:
-    torch.nn.init.normal_(module.weight, mean=0.0, std=std)

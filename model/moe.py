@@ -143,9 +143,10 @@ class Experts(nn.Module):
     w1, w3: (E, F, D); w2: (E, D, F) — DeepSeek's per-expert w1/w2/w3, stacked.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, expert_offset: int = 0):
         super().__init__()
         self.n_experts = n_experts
+        self.expert_offset = expert_offset  # global id of expert 0 here (expert parallelism shards them)
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -203,7 +204,12 @@ class MoE(nn.Module):
         self.balance_alpha = balance_alpha
         # Gradient scale of the balance loss: the trainer sets 1/grad_accum so it matches the main loss.
         self.balance_grad_scale = 1.0
-        self.last_balance_loss = torch.zeros(())
+        # Sum of this layer's balance losses since the trainer last read it (logging only).
+        self.balance_loss_sum: torch.Tensor | None = None
+        # Count routed tokens in forwards that run with autograd on. Activation checkpointing
+        # runs a block twice (no-grad, then recompute): parallel/ sets False there so each
+        # micro-batch is counted once, in the first pass.
+        self.count_when_grad = True
         # Token copies per expert since the last bias update; summed over micro-batches.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
@@ -217,7 +223,7 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(x_flat)
-        if self.training:
+        if self.training and (self.count_when_grad or not torch.is_grad_enabled()):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
         y = self.dispatcher(x_flat, indices, weights, self.experts)
@@ -226,7 +232,8 @@ class MoE(nn.Module):
         y = y.view(B, T, D)
         if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
             aux = self.sequence_balance_loss(scores, indices, B, T)
-            self.last_balance_loss = aux.detach()
+            prev = self.balance_loss_sum
+            self.balance_loss_sum = aux.detach() if prev is None else prev + aux.detach()
             y = _InjectGrad.apply(y, aux, self.balance_grad_scale)
         return y
 

@@ -17,8 +17,7 @@ from torch import nn
 
 from .block import Block
 from .config import ModelConfig
-from .linear import init_linear_
-from .moe import Experts, Gate
+from .init import init_weights_
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
@@ -48,20 +47,15 @@ class Transformer(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) for every matrix (DeepSeek-V3 report §4.2), ones for norms."""
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                init_linear_(m, std)
-            elif isinstance(m, Gate):
-                nn.init.normal_(m.weight, std=std)
-                m.e_score_correction_bias.zero_()
-            elif isinstance(m, Experts):
-                for w in (m.w1, m.w2, m.w3):
-                    nn.init.normal_(w, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) matrices, unit norms (model/init.py: one generator per tensor).
+
+        `seed` None draws the base seed from torch's global generator (so torch.manual_seed
+        still decides it); the trainer passes trainer.seed so every layout gets equal weights.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        init_weights_(self, self.cfg.init_std, seed)
         cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -85,3 +85,43 @@ def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dic
 
     engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
     return engine, optimizer
+
+
+
+def record_grad_norm(engine, expert_group=None) -> None:
+    """Stage-0 (no ZeRO) clipping with the right global norm, kept for `get_global_grad_norm()`.
+
+    DeepSpeed's ZeRO optimizers record the norm; its stage-0 fp32 path calls
+    `deepspeed.runtime.utils.clip_grad_norm_`, which under a pipeline counts only the first
+    stage's parameters (it treats the pipe group as tensor-parallel: non-TP parameters are
+    counted on model-parallel rank 0 only) and drops the value. Measured: the logged norm of a
+    pp=2 run was stage 0's alone and clipping used it. This replaces that one method: the norm
+    sums every stage once (tied replicas marked `ds_pipe_replicated` skipped, as ZeRO does)
+    and each expert shard once over the expert-parallel group.
+    """
+
+    def clip_and_record():
+        dense = torch.zeros((), dtype=torch.float64)
+        expert = torch.zeros((), dtype=torch.float64)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "allreduce", True):
+                dense += sq
+            else:
+                expert += sq
+        if expert_group is not None:
+            torch.distributed.all_reduce(expert, group=expert_group)
+        total = dense + expert
+        if engine.mpu is not None:
+            torch.distributed.all_reduce(total, group=engine.mpu.get_model_parallel_group())
+        norm = float(total.sqrt())
+        coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -44,6 +44,10 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     zero_stage: int = 1  # 0, 1 or 2 (pipelines allow 0 or 1)
+    # Pipeline partition: parameters | flops | uniform (blocks), or explicit per-layer costs.
+    partition: str = "parameters"
+    layer_costs: list[float] = field(default_factory=list)  # [embedding, block 0..L-1, output]; overrides
+    activation_checkpoint_interval: int = 0  # pipelines: recompute every k blocks in backward; 0 = off
 
 
 @dataclass
@@ -165,13 +169,22 @@ def validate(cfg: Config) -> Config:
 
 def check_layout(cfg: Config, world_size: int) -> int:
     """Validate the parallel layout against the world size; return dp. Before any process group."""
+    from parallel.pipeline import PARTITIONS
+    from parallel.topology import Layout
+
     t, p = cfg.trainer, cfg.parallel
-    if world_size % p.pp:
-        raise ConfigError(f"parallel.pp={p.pp}: does not divide the world size {world_size}")
-    dp = world_size // p.pp
-    if p.pp > 1 or p.ep > 1:
-        raise ConfigError(f"parallel.pp={p.pp}, parallel.ep={p.ep}: pipeline and expert parallelism "
-                          "arrive with the parallelism issue; use pp=1 ep=1")
+    layout = Layout(world_size, p.pp, p.ep).check(cfg.model, p.zero_stage)
+    dp = layout.dp
+    if p.partition not in PARTITIONS:
+        raise ConfigError(f"parallel.partition={p.partition!r}: must be one of {', '.join(PARTITIONS)}")
+    if p.layer_costs and len(p.layer_costs) != cfg.model.n_layers + 2:
+        raise ConfigError(f"parallel.layer_costs: {len(p.layer_costs)} values; need model.n_layers + 2 = "
+                          f"{cfg.model.n_layers + 2} (embedding, each block, output)")
+    if p.activation_checkpoint_interval < 0:
+        raise ConfigError(f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval}: must be >= 0")
+    if p.activation_checkpoint_interval and p.pp == 1:
+        raise ConfigError("parallel.activation_checkpoint_interval: activation checkpointing runs through "
+                          "DeepSpeed's pipeline module; set parallel.pp >= 2 or leave it at 0")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"trainer.global_batch_size={t.global_batch_size}: not divisible by "
                           f"trainer.micro_batch_size={t.micro_batch_size} × dp={dp}")

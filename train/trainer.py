@@ -30,6 +30,10 @@ from torch import nn
 from model import Transformer, flops_per_token, moe_layers, update_expert_bias
 from model.config import ConfigError
 from parallel import engine as ds_engine
+from parallel.build import build_model
+from parallel.expert import mark_for_deepspeed
+from parallel.pipeline import BlockPipe, build_pipeline
+from parallel.topology import Layout, build_groups
 
 from . import metrics as M
 from .config import Config
@@ -100,25 +104,42 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(t.seed)
-        with torch.device(self.device):
-            self.model = Transformer(cfg.model)
+        p = cfg.parallel
+        self.layout = Layout(self.world_size, p.pp, p.ep)
+        self.groups = build_groups(self.layout, self.rank)
+        self.pipelined = p.pp > 1
+        if self.pipelined:
+            ep = (self.groups.ep, p.ep, self.groups.ep_rank) if p.ep > 1 else None
+            self.module, self.pipe_loss = build_pipeline(
+                cfg.model, pp=p.pp, seed=t.seed, partition=p.partition, layer_costs_override=p.layer_costs,
+                seq_len=t.seq_len, activation_checkpoint_interval=p.activation_checkpoint_interval,
+                expert_parallel=ep)
+            self.model = self.module
+            if p.ep > 1:
+                mark_for_deepspeed(self.model, p.ep, self.groups.ep_group_name)
+            blocks = [m.block for m in self.module.modules() if isinstance(m, BlockPipe)]
+        else:
+            self.model = build_model(cfg.model, seed=t.seed, device=self.device, groups=self.groups)
+            self.module = LossModule(self.model)
+            blocks = list(self.model.layers.values())
         for moe in moe_layers(self.model):
             moe.balance_alpha = t.balance_alpha
         if t.compile:
-            for block in self.model.layers.values():
+            for block in blocks:
                 block.compile()
-        self.module = LossModule(self.model)
         groups = param_groups(self.model, cfg.optim.weight_decay)
         ga = t.global_batch_size // self.granularity
         # With one data-parallel rank there is nothing to shard or reduce: ZeRO's flat buffers
         # and the gradient all-reduce only copy (measured: ~20% of a CPU step, bench/trainer.py).
-        zero_stage = cfg.parallel.zero_stage if self.dp > 1 else 0
+        zero_stage = p.zero_stage if self.dp > 1 else 0
         ds_cfg = ds_engine.deepspeed_config(
             micro_batch_size=t.micro_batch_size, grad_accum=ga, zero_stage=zero_stage,
             grad_clip=cfg.optim.grad_clip, bf16=self.dtype == torch.bfloat16, lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
             device_type=self.device.type)
         self.engine, self.optimizer = ds_engine.initialize(self.module, groups, ds_cfg)
+        if zero_stage == 0:
+            ds_engine.record_grad_norm(self.engine, self.groups.ep)
         if self.dp == 1:
             self.engine.enable_backward_allreduce = False
         self.grad_accum = ga
@@ -151,44 +172,84 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in
                 ("input_ids", "labels", "position_ids")}
 
+    def _balance_loss(self) -> float:
+        """Sum over this rank's MoE layers of the balance losses since the last call."""
+        total = 0.0
+        for m in moe_layers(self.model):
+            if m.balance_loss_sum is not None:
+                total += float(m.balance_loss_sum)
+            m.balance_loss_sum = None
+        return total
+
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         self._set_batch_size()
         lr = lr_at(cfg.schedule, cfg.optim.lr, self.step, t.max_steps, self.tokens_seen, self.total_tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.module.mtp_lambda = mtp_lambda_at(cfg.schedule, self.tokens_seen, self.total_tokens)
-        sums = [0.0, 0.0, 0.0]  # main, mtp, balance
-        for micro in range(self.grad_accum):
-            batch = self._batch()
-            total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-            sums[0] += main.item() / self.grad_accum
-            sums[1] += mtp.item() / self.grad_accum
-            sums[2] += sum(m.last_balance_loss.item() for m in moe_layers(self.model)) / self.grad_accum
-            if micro == self.grad_accum - 1:
-                # Agree on the step's loss before the update is applied: a non-finite loss stops
-                # every rank here, with the parameters of the last good step.
-                sums = self._all_reduce_mean(sums)
-                if not math.isfinite(sums[0]) or not math.isfinite(sums[1]):
-                    raise TrainError(f"non-finite loss at step {self.step + 1} "
-                                     f"(last finite loss {self.last_finite_loss:.4f})")
-            self.engine.backward(total)
-            if micro == self.grad_accum - 1 and self.dp == 1:
-                # ZeRO stage 0 does not report the norm: take it before DeepSpeed clips.
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                own_norm = torch.nn.utils.get_total_norm(grads).item()
-            self.engine.step()
-        reduce = (lambda c: dist.all_reduce(c)) if self.world_size > 1 else None
+        mtp_lambda = mtp_lambda_at(cfg.schedule, self.tokens_seen, self.total_tokens)
+        if self.pipelined:
+            sums = self._pipeline_step(mtp_lambda)
+        else:
+            sums = self._engine_step(mtp_lambda)
+        reduce = (lambda c: dist.all_reduce(c, group=self.groups.dp)) if self.dp > 1 else None
         gamma = gamma_at(cfg.schedule, self.tokens_seen, self.total_tokens)
         load = update_expert_bias(self.model, gamma, reduce_counts=reduce)
         tokens = self.grad_accum * self.granularity * t.seq_len
         self.step += 1
         self.tokens_seen += tokens
         self.last_finite_loss = sums[0]
-        grad_norm = own_norm if self.dp == 1 else self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()
         return {"loss": sums[0], "mtp_loss": sums[1], "balance_loss": sums[2], "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "mtp_lambda": self.module.mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load}
+                "mtp_lambda": mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load}
+
+    def _check_finite(self, sums: list[float]) -> None:
+        if not math.isfinite(sums[0]) or not math.isfinite(sums[1]):
+            raise TrainError(f"non-finite loss at step {self.step + 1} (last finite loss {self.last_finite_loss:.4f})")
+
+    def _engine_step(self, mtp_lambda: float) -> list[float]:
+        """Non-pipeline path: engine(batch), engine.backward, engine.step per micro-batch."""
+        self.module.mtp_lambda = mtp_lambda
+        main_sum, mtp_sum = 0.0, 0.0
+        for micro in range(self.grad_accum):
+            batch = self._batch()
+            total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
+            main_sum += main.item()
+            mtp_sum += mtp.item()
+            if micro == self.grad_accum - 1:
+                # Agree on the step's loss before the update is applied: a non-finite loss stops
+                # every rank here, with the parameters of the last good step.
+                sums = self._all_reduce_mean([main_sum / self.grad_accum, mtp_sum / self.grad_accum,
+                                              self._balance_loss() / self.grad_accum])
+                self._check_finite(sums)
+            self.engine.backward(total)
+            self.engine.step()
+        return sums
+
+    def _pipe_batches(self, n: int):
+        """n micro-batches as DeepSpeed's pipeline wants them: ((input_ids, labels[, position_ids]), labels).
+
+        Every stage draws them (middle stages discard theirs) so the loader position is the same
+        on every rank."""
+        out = []
+        for _ in range(n):
+            b = self._batch()
+            inputs = (b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ())
+            out.append((inputs, b["labels"]))
+        return out
+
+    def _pipeline_step(self, mtp_lambda: float) -> list[float]:
+        """Pipeline path: DeepSpeed runs the 1F1B schedule, reduction and step in train_batch.
+
+        The non-finite check comes after the step here (train_batch is one call); the run still
+        stops at that step with the last finite loss."""
+        self.pipe_loss.mtp_lambda = mtp_lambda
+        self.engine.train_batch(data_iter=iter(self._pipe_batches(self.grad_accum)))
+        main, mtp = (self.pipe_loss.take() / self.grad_accum).tolist()  # zeros off the last stage
+        sums = self._all_reduce_mean([main, mtp, self._balance_loss() / self.grad_accum])
+        self._check_finite(sums)
+        return sums
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -197,14 +258,23 @@ class Trainer:
         loader = self.val_loader_factory()
         total, n = 0.0, 0
         try:
+            batches = []
             for i, batch in enumerate(loader):
                 if i >= t.eval_batches:
                     break
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                total += self.model.losses(batch["input_ids"], batch["labels"], batch.get("position_ids")).main.item()
-                n += 1
+                batches.append({k: v.to(self.device) for k, v in batch.items()})
         finally:
             loader.close()
+        if self.pipelined and batches:
+            pipe = [((b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ()),
+                     b["labels"]) for b in batches]
+            self.pipe_loss.take()
+            self.engine.eval_batch(iter(pipe), num_micro_batches=len(pipe))
+            total, n = float(self.pipe_loss.take()[0]), len(pipe)
+        else:
+            for b in batches:
+                total += self.model.losses(b["input_ids"], b["labels"], b.get("position_ids")).main.item()
+                n += 1
         self.model.train()
         if n == 0:
             return {}

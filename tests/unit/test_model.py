@@ -142,7 +142,7 @@ def test_balance_loss_changes_router_gradient_but_not_the_output():
     (expected,) = torch.autograd.grad(aux, moe.gate.weight)
     torch.testing.assert_close(grads[1] - grads[0], expected, atol=1e-6 * expected.abs().max().item(), rtol=1e-6)
     assert expected.abs().max() > 0
-    torch.testing.assert_close(moe.last_balance_loss, aux.detach())
+    torch.testing.assert_close(moe.balance_loss_sum, aux.detach())
 
 
 def test_expert_bias_update_follows_the_sign_rule_and_counts_accumulate():
