@@ -78,6 +78,7 @@ class AllToAllDispatcher:
         self.n_experts = n_experts
         self.n_local = n_experts // ep_size
         self.stats = DispatchStats()
+        self.last_recv_rows, self.last_expert_counts = 0, None
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                  experts: Experts) -> torch.Tensor:
@@ -105,6 +106,7 @@ class AllToAllDispatcher:
         copy_expert = r_ids[copy_row, copy_k]
         order = copy_expert.argsort(stable=True)
         counts = torch.bincount(copy_expert, minlength=E_l)
+        self.last_recv_rows, self.last_expert_counts = rows.size(0), counts  # for tests and stats
         y = experts(rows[copy_row[order]], counts)  # (C, D) in expert order
         y = y * r_w[copy_row[order], copy_k[order]].unsqueeze(1).to(y.dtype)
         partial = y.new_zeros(rows.size(0), D).index_add(0, copy_row[order], y)

@@ -59,6 +59,9 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     ("trainer.global_batch_size=5", "trainer.global_batch_size=5"),
     ("model.n_limited_groups=7", "model.n_limited_groups"),
     ("parallel.zero_stage=3", "parallel.zero_stage"),
+    ("parallel.pp=2", "parallel.pp=2: does not divide the world size 1"),
+    ("parallel.ep=2", "parallel.ep=2: does not divide dp=1"),
+    ("parallel.partition=bogus", "parallel.partition='bogus'"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"

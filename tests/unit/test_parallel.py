@@ -1,0 +1,118 @@
+"""Single-process parts of parallel/: layout validation and coordinates, stage partition,
+layout-independent initialisation of sharded and per-stage modules."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from model import Transformer
+from model.config import ConfigError, ModelConfig
+from parallel.expert import shard_experts
+from parallel.pipeline import BlockPipe, OutputPipe, SharedEmbedding, balanced_stages, layer_costs, spec_parts
+from parallel.topology import Layout
+from train.config import compose, model_config
+
+
+def smoke() -> ModelConfig:
+    return model_config(compose(["model=smoke"]).model)
+
+
+@pytest.mark.parametrize("world, pp, ep, needle", [
+    (3, 2, 1, "parallel.pp=2: does not divide the world size 3"),
+    (4, 2, 4, "parallel.ep=4: does not divide dp=2"),
+    (6, 1, 3, "parallel.ep=3: does not divide model.n_routed_experts=16"),
+    (10, 5, 1, "parallel.pp=5: more pipeline stages than model.n_layers=4"),
+])
+def test_layout_errors_name_the_values(world, pp, ep, needle):
+    with pytest.raises(ConfigError) as e:
+        Layout(world, pp, ep).check(smoke(), zero_stage=1)
+    assert needle in str(e.value)
+
+
+def test_zero2_with_pipelines_is_refused():
+    with pytest.raises(ConfigError, match="parallel.zero_stage=2: DeepSpeed's pipeline engine allows ZeRO stage 0 or 1"):
+        Layout(4, 2, 1).check(smoke(), zero_stage=2)
+    Layout(4, 1, 2).check(smoke(), zero_stage=2)  # fine without a pipeline
+
+
+def test_groups_follow_deepspeeds_rank_order():
+    """pp=2 × dp=4, ep=2: what deepspeed.utils.groups builds (checked again at run time)."""
+    lay = Layout(8, 2, 2)
+    assert [lay.stage_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert lay.ep_ranks(5) == [4, 5] and lay.ep_ranks(6) == [6, 7]
+    assert lay.edp_ranks(5) == [5, 7] and lay.edp_ranks(0) == [0, 2]
+    assert lay.dp_ranks(1) == [4, 5, 6, 7] and lay.edp == 2
+
+
+def test_balanced_stages_is_optimal_and_contiguous():
+    costs = [5.0, 3, 9, 1, 1, 7, 2, 2, 6.0]  # embed, 7 blocks, output
+    for pp in range(1, 8):
+        bounds = balanced_stages(costs, pp)
+        assert bounds[0] == 0 and bounds[-1] == 7 and all(a < b for a, b in zip(bounds, bounds[1:]))
+        blocks = list(costs[1:-1])
+        blocks[0] += costs[0]
+        blocks[-1] += costs[-1]
+        got = max(sum(blocks[a:b]) for a, b in zip(bounds, bounds[1:]))
+        best = min(max(sum(blocks[a:b]) for a, b in zip((0, *cut), (*cut, 7)))
+                   for cut in itertools.combinations(range(1, 7), pp - 1))
+        assert got == best
+
+
+def test_spec_parts_keep_embedding_first_and_output_with_mtp_last():
+    # specs: embed, 4 blocks, next-token embed, output
+    assert spec_parts([0, 2, 4], has_mtp=True) == [0, 3, 7]
+    assert spec_parts([0, 2, 4], has_mtp=False) == [0, 3, 6]
+
+
+def test_layer_costs_by_method():
+    cfg = smoke()
+    for method in ("parameters", "flops", "uniform"):
+        costs = layer_costs(cfg, method, 256)
+        assert len(costs) == cfg.n_layers + 2
+    params = layer_costs(cfg, "parameters", 256)
+    built = Transformer(cfg)
+    assert params[1] == sum(p.numel() for p in built.layers["0"].parameters())
+    assert params[2] == sum(p.numel() for p in built.layers["1"].parameters())
+    with pytest.raises(ConfigError, match="parallel.partition='bogus'"):
+        layer_costs(cfg, "bogus", 256)
+
+
+def test_weights_do_not_depend_on_the_layout():
+    """Per-stage layers and expert shards built from meta equal the single-process model's tensors."""
+    cfg = smoke()
+    full = Transformer(cfg)
+    full.init_weights(seed=7)
+    ref = full.state_dict()
+    block = BlockPipe(cfg, 2, seed=7)
+    for name, t in block.block.state_dict().items():
+        assert torch.equal(t, ref[f"layers.2.{name}"]), name
+    out = OutputPipe(cfg, seed=7)
+    for name, t in out.state_dict().items():
+        if not name.startswith("rope"):
+            assert torch.equal(t, ref[name]), name
+    assert torch.equal(SharedEmbedding(cfg, seed=7).weight, ref["embed.weight"])
+    with torch.device("meta"):
+        sharded = Transformer(cfg)
+    shard_experts(sharded, None, 4, 1)
+    sharded.to_empty(device="cpu")
+    sharded.init_weights(seed=7)
+    E_l = cfg.n_routed_experts // 4
+    for w in ("w1", "w2", "w3"):
+        got = getattr(sharded.layers["1"].ffn.experts, w)
+        assert torch.equal(got, ref[f"layers.1.ffn.experts.{w}"][E_l:2 * E_l])
+    assert torch.equal(sharded.layers["1"].ffn.gate.weight, ref["layers.1.ffn.gate.weight"])
+
+
+def test_every_parameter_is_initialised():
+    cfg = smoke()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    model.init_weights(seed=0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers())
