@@ -38,18 +38,8 @@ def run_worker(tmp_path: Path, data: Path, nproc: int, overrides: list[str], nam
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    r = subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={out}", "tokenizer=byte",
-                        "max_chars=3000000", "val_fraction=0.05", "progress=false"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data) -> dict:
-    return run_worker(tmp_path_factory.mktemp("ref"), data, 1, [], "ref")
+def reference(tmp_path_factory, dataset) -> dict:
+    return run_worker(tmp_path_factory.mktemp("ref"), dataset, 1, [], "ref")
 
 
 def rel(a: float, b: float) -> float:
@@ -67,9 +57,9 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, tmp_path, data, reference):
+def test_layout_matches_single_process(layout, tmp_path, dataset, reference):
     nproc, overrides = LAYOUTS[layout]
-    got = run_worker(tmp_path, data, nproc, overrides, layout)
+    got = run_worker(tmp_path, dataset, nproc, overrides, layout)
     for mtp in ("mtp1", "mtp0"):
         ref, par = reference[mtp], got[mtp]
         assert len(par["steps"]) == len(ref["steps"]) == STEPS

@@ -29,17 +29,6 @@ def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("kind") == kind]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small stdlib corpus prepared with the byte tokenizer (shared by the tests of this file)."""
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    r = subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={out}", "tokenizer=byte",
-                        "max_chars=3000000", "val_fraction=0.05", "progress=false"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 TINY = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.log_interval=1",
         "trainer.eval_interval=0", "logging.wandb.mode=disabled", "logging.progress_bar=false", "trainer.threads=1"]
 
