@@ -48,12 +48,19 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
     engine code path serves `python -m train` and `torchrun -m train`.
     """
     import deepspeed
+    import torch.distributed as dist
 
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # One process: an in-memory store. The env:// default would host a TCPStore server
+        # thread in this process, and a run that exited while that thread was still joinable
+        # aborted ("terminate called without an active exception", exit -6) — seen only in
+        # single-process runs, never under torchrun, where the agent hosts the store.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing group
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int, grad_clip: float,

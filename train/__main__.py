@@ -123,4 +123,11 @@ def _print_summary(summary: dict, run_dir: Path, entropy: float | None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is closed and written by now (loaders joined, logger and wandb finished, process
+    # group destroyed). Leave without interpreter teardown: a C++ thread of a library still
+    # joinable during static destruction aborts the process (exit -6 after a successful run, seen
+    # on CI), and the exit code is what launchers and schedulers act on.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -35,7 +35,7 @@ from train.trainer import Trainer  # noqa: E402
 # measures the parallel computation rather than the optimizer's conditioning. The model still
 # learns (loss 6.2 → 3.5 in 20 steps).
 BASE = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
-        "trainer.log_interval=1000", "trainer.eval_interval=0", "trainer.threads=1",
+        "trainer.log_interval=1000", "trainer.eval_interval=0", "trainer.eval_batches=2", "trainer.threads=1",
         "logging.wandb.mode=disabled", "logging.progress_bar=false",
         "optim.lr=0.5", "optim.eps=1.0", "schedule.warmup_steps=2", "data.num_workers=0"]
 
@@ -64,10 +64,11 @@ def run(out_path: str, data: str, steps: int, overrides: list[str]) -> None:
             for _ in range(steps):
                 out = trainer.train_step()
                 steps_out.append({k: out[k] for k in ("loss", "mtp_loss", "balance_loss", "grad_norm")})
+            val = trainer.evaluate()["val_loss"]  # the pipeline path runs DeepSpeed's eval_batch
             trainer.close()
         per_rank = [None] * env.world_size
         dist.all_gather_object(per_rank, biases(trainer))
-        results[f"mtp{n_mtp}"] = {"steps": steps_out, "biases": per_rank}
+        results[f"mtp{n_mtp}"] = {"steps": steps_out, "biases": per_rank, "val_loss": val}
     if env.rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -75,3 +76,5 @@ def run(out_path: str, data: str, steps: int, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+    sys.stdout.flush()
+    os._exit(0)  # as train/__main__.py: no interpreter teardown after the results are written
