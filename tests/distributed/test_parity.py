@@ -3,8 +3,8 @@
 20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2 and pp=2 with activation checkpointing, each
 with MTP on and off, against the single-process run with the same global batch: per-step
 loss and MTP loss within 1e-5 relative, gradient norms within 1e-3 relative (see the test), and the expert
-biases after 20 steps identical on every rank (and equal to the single process's), and the
-validation loss after training (DeepSpeed's eval_batch under pipelines) within 1e-5.
+biases after 20 steps identical on every rank (and equal to the single process's), and for the
+dp = 1 pipelines the validation loss after training (DeepSpeed's eval_batch) within 1e-5.
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def test_layout_matches_single_process(layout, tmp_path, dataset, reference):
             else:
                 assert a["mtp_loss"] == 0.0
             assert rel(a["balance_loss"], b["balance_loss"]) <= 1e-4, (mtp, step, a, b)
-        assert rel(par["val_loss"], ref["val_loss"]) <= 1e-5, (mtp, par["val_loss"], ref["val_loss"])  # evaluation
+        # Evaluation reads trainer.eval_batches micro-batches per data-parallel rank, so only
+        # dp = 1 layouts (pipelines) see the reference's validation sequences.
+        pp = 2 if "parallel.pp=2" in overrides else 1
+        if nproc // pp == 1:
+            assert rel(par["val_loss"], ref["val_loss"]) <= 1e-5, (mtp, par["val_loss"], ref["val_loss"])
         # Expert biases after 20 steps: identical on every rank that holds the layer, and equal
         # to the single process's (the bias update is ±γ from global integer counts).
         ref_bias = ref["biases"][0]
