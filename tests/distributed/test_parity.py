@@ -1,6 +1,7 @@
 """Every layout computes what one process computes (issue: parallelism).
 
-20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2 and pp=2 with activation checkpointing, each
+20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2, dp=4×ep=2 (expert-data-parallel 2) and pp=2 with activation
+checkpointing, each
 with MTP on and off, against the single-process run with the same global batch: per-step
 loss and MTP loss within 1e-5 relative, gradient norms within 1e-3 relative (see the test), and the expert
 biases after 20 steps identical on every rank (and equal to the single process's), and for the
@@ -53,6 +54,7 @@ LAYOUTS = {
     "dp2": (2, []),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
     "pp2_dp2": (4, ["parallel.pp=2"]),
+    "dp4_ep2": (4, ["parallel.ep=2"]),  # expert-data-parallel size 2: ZeRO-1 partitions the experts
     "pp2_ckpt": (2, ["parallel.pp=2", "parallel.activation_checkpoint_interval=1"]),  # DeepSpeed recompute
 }
 
