@@ -10,6 +10,12 @@ by the main process to the train or validation writer (data/shards.py). Validati
 `val_fraction` of the documents, evenly spread (document i goes to val when
 round((i+1)·f) > round(i·f)), or all of `val_input` when given.
 
+The byte tokenizer without FIM takes a shorter path with the same output: its "encoding" is a
+copy of the UTF-8 bytes, cheaper than shipping text to a worker and ids back, so the main
+process encodes each chunk itself (one join, one widening copy, EOS scattered in), from the
+bytes as read (no decode/encode round trip for valid UTF-8), while a thread per split writes,
+hashes and fdatasyncs the shards (data/shards.py, `background=True`). num_proc is unused there.
+
 Atomicity and resume: shards are written as .tmp and renamed when complete; after each
 completed shard a journal (`.prepare-progress.json`) records where the input stands and the
 writers' states. An output folder holds one run, identified by a hash of the input's identity,
@@ -142,28 +148,50 @@ class _Workers:
             self.pool.join()
 
 
-def _chunks(docs: Iterator[str], skip: int, cfg: PrepareConfig) -> Iterator[tuple[int, list[str]]]:
-    """(index of first document, texts) of about chunk_chars characters, from document `skip` on.
+def _chunks(docs: Iterator[tuple], skip: int, cfg: PrepareConfig) -> Iterator[tuple[int, list]]:
+    """(index of first document, documents) of about chunk_chars characters, from document `skip` on.
 
+    `docs` yields (document, its number of characters): (text, len(text)), or (UTF-8 bytes,
+    characters) on the byte path, which chunks exactly as the text path does.
     The caps (max_docs, max_chars) count from the first document, skipped ones included, so a
     resumed run stops exactly where the uninterrupted one would.
     """
     index = seen_chars = batch_chars = 0
-    batch: list[str] = []
-    for text in docs:
+    batch: list = []
+    for doc, chars in docs:
         if (cfg.max_docs and index >= cfg.max_docs) or (cfg.max_chars and seen_chars >= cfg.max_chars):
             break
         index += 1
-        seen_chars += len(text)
+        seen_chars += chars
         if index <= skip:
             continue
-        batch.append(text)
-        batch_chars += len(text)
+        batch.append(doc)
+        batch_chars += chars
         if batch_chars >= cfg.chunk_chars or len(batch) >= 4096:
             yield index - len(batch), batch
             batch, batch_chars = [], 0
     if batch:
         yield index - len(batch), batch
+
+
+def _with_chars(texts: Iterator[str]) -> Iterator[tuple[str, int]]:
+    for text in texts:
+        yield text, len(text)
+
+
+def _byte_fast_path(tok, cfg: PrepareConfig) -> bool:
+    """The byte tokenizer without FIM needs no worker processes: its encoding is a copy of the
+    documents' UTF-8 bytes, cheaper than pickling them to a worker and the ids back."""
+    return tok.kind == "byte" and cfg.fim_rate <= 0
+
+
+def _encode_utf8_chunks(tok, src: Source, skip: int, cfg: PrepareConfig,
+                        dtype: np.dtype) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """The byte path in this process: what `_encode_chunk` returns for the same chunks (same ids,
+    lengths and byte counts), from the documents' bytes as read (no str, no pickling)."""
+    for first, docs in _chunks(src.documents_utf8(), skip, cfg):
+        tokens, lengths = tok.encode_utf8_documents(docs, dtype)
+        yield first, tokens, lengths, len(tokens) - len(lengths)
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -284,10 +312,15 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
         return json.loads((out / MANIFEST).read_text())
     resume = claim if isinstance(claim, dict) else None
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, tok.eos_id,
+    fast = _byte_fast_path(tok, cfg)
+    # The byte path tokenizes in this process; a thread per split then writes and hashes the shards.
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, tok.eos_id, background=fast,
                               state=resume["writers"][s] if resume else None) for s in ("train", "val")}
     progress = _Progress(cfg.progress)
-    workers = _Workers(cfg.num_proc or os.cpu_count() or 1, (cfg.tokenizer, dtype.name, cfg.fim_rate, cfg.seed))
+    workers = None if fast else _Workers(cfg.num_proc or os.cpu_count() or 1,
+                                         (cfg.tokenizer, dtype.name, cfg.fim_rate, cfg.seed))
+    # Every document ends with EOS, the byte tokenizer's largest id in a shard (pad never appears).
+    max_id = tok.eos_id if fast else None
     try:
         position = resume["position"] if resume else {"phase": "input", "next_doc": 0}
         if resume is None:  # from the first byte on, the folder says which run it belongs to
@@ -297,8 +330,12 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
         shards_done = sum(len(w.shards) for w in writers.values())
         for phase, src in phases[first_phase:]:
             skip = position["next_doc"] if phase == position["phase"] else 0
-            for first, tokens, lengths, nbytes in workers.map(_encode_chunk, _chunks(src.documents(), skip, cfg)):
-                _route(writers, phase, first, tokens, lengths, 0.0 if val_source else cfg.val_fraction)
+            if fast:
+                encoded = _encode_utf8_chunks(tok, src, skip, cfg, dtype)
+            else:
+                encoded = workers.map(_encode_chunk, _chunks(_with_chars(src.documents()), skip, cfg))
+            for first, tokens, lengths, nbytes in encoded:
+                _route(writers, phase, first, tokens, lengths, 0.0 if val_source else cfg.val_fraction, max_id)
                 progress.update(len(lengths), len(tokens), nbytes)
                 done = sum(len(w.shards) for w in writers.values())
                 if done > shards_done:  # a shard completed: record where we stand
@@ -318,7 +355,8 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
             _remove_created(out, created_root, writers.values())
         raise  # anything else (an interrupt, a crash) keeps the journal: re-running resumes
     finally:
-        workers.close()
+        if workers is not None:
+            workers.close()
         progress.close()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
@@ -345,22 +383,25 @@ def _remove_created(out: Path, created_root: bool, writers) -> None:
     (out / JOURNAL).unlink(missing_ok=True)
 
 
-def _route(writers: dict, phase: str, first: int, tokens: np.ndarray, lengths: np.ndarray, fraction: float) -> None:
-    """Send each document of a chunk to train or val (order within each split kept)."""
+def _route(writers: dict, phase: str, first: int, tokens: np.ndarray, lengths: np.ndarray, fraction: float,
+           max_id: int | None = None) -> None:
+    """Send each document of a chunk to train or val (order within each split kept).
+
+    `max_id`: the largest id in any document, when known (passed on to the writers)."""
     if phase == "val_input":
-        writers["val"].append(tokens, lengths)
+        writers["val"].append(tokens, lengths, max_id)
         return
     if fraction <= 0:
-        writers["train"].append(tokens, lengths)
+        writers["train"].append(tokens, lengths, max_id)
         return
     idx = np.arange(first, first + len(lengths), dtype=np.float64)
     is_val = np.floor((idx + 1) * fraction + 0.5) > np.floor(idx * fraction + 0.5)
     if not is_val.any():
-        writers["train"].append(tokens, lengths)
+        writers["train"].append(tokens, lengths, max_id)
         return
     token_is_val = np.repeat(is_val, lengths)
-    writers["train"].append(tokens[~token_is_val], lengths[~is_val])
-    writers["val"].append(tokens[token_is_val], lengths[is_val])
+    writers["train"].append(tokens[~token_is_val], lengths[~is_val], max_id)
+    writers["val"].append(tokens[token_is_val], lengths[is_val], max_id)
 
 
 def _journal(out: Path, ident: dict, writers: dict, position: dict) -> dict:
