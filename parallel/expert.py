@@ -147,6 +147,7 @@ def shard_experts(model: nn.Module, group, ep_size: int, ep_rank: int) -> list[A
         lo = ep_rank * n_local
         local = Experts(n_local, full.w1.size(2), full.w1.size(1), expert_offset=full.expert_offset + lo)
         local = local.to(device=full.w1.device, dtype=full.w1.dtype)
+        local.fp8 = full.fp8
         with torch.no_grad():
             if full.w1.device.type != "meta":
                 for w in ("w1", "w2", "w3"):

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.errors import DataError
     from parallel.engine import DistEnv
 
-    from .config import check_layout, compose, to_config
+    from .config import check_fp8, check_layout, compose, to_config
     from .data_setup import check_dataset
 
     env = DistEnv.from_environ()
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         composed = compose(overrides)
         cfg = to_config(composed)
         check_layout(cfg, env.world_size)
+        check_fp8(cfg)
         check_dataset(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

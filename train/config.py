@@ -68,9 +68,37 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
 
+FP8_RECIPES = {"te": ("blockwise", "current", "delayed", "mxfp8"), "torch": ("tensorwise", "rowwise"),
+               "emulated": ("blockwise", "tensorwise", "rowwise")}
+
+
 @dataclass
 class Fp8Config:
-    backend: str = "off"  # off (the FP8 issue adds te | torch | emulated)
+    """FP8 GEMMs of the model's projections (docs/fp8.md)."""
+
+    backend: str = "off"  # off | te | torch | emulated
+    recipe: str = ""  # per backend (FP8_RECIPES); "" = te/emulated blockwise, torch rowwise
+    block_size: int = 128  # emulated blockwise tile / block edge (DeepSeek-V3: 128)
+    pow2_scales: bool = False  # round scales up to powers of two (TE's blocks, DeepSeek V3.1 ue8m0)
+    exclude: list[str] = field(default_factory=list)  # linear names kept high precision (fnmatch: "attn.*")
+
+    def resolved_recipe(self) -> str:
+        return self.recipe or ("rowwise" if self.backend == "torch" else "blockwise")
+
+    def validate(self) -> "Fp8Config":
+        if self.backend not in ("off", *FP8_RECIPES):
+            raise ConfigError(f"fp8.backend={self.backend!r}: must be off, te, torch or emulated")
+        if self.backend != "off" and self.resolved_recipe() not in FP8_RECIPES[self.backend]:
+            raise ConfigError(f"fp8.recipe={self.recipe!r}: fp8.backend={self.backend} offers "
+                              f"{', '.join(FP8_RECIPES[self.backend])}")
+        if self.block_size < 1:
+            raise ConfigError(f"fp8.block_size={self.block_size}: must be >= 1")
+        return self
+
+    def precision(self):
+        from model.linear import Precision
+
+        return Precision(self.backend, self.resolved_recipe(), self.block_size, self.pow2_scales, tuple(self.exclude))
 
 
 @dataclass
@@ -162,8 +190,7 @@ def validate(cfg: Config) -> Config:
     if cfg.checkpoint.interval != 0:
         raise ConfigError(f"checkpoint.interval={cfg.checkpoint.interval}: checkpoint saving arrives with the "
                           "checkpoint issue; leave it at 0")
-    if cfg.fp8.backend != "off":
-        raise ConfigError(f"fp8.backend={cfg.fp8.backend!r}: only 'off' exists so far")
+    cfg.fp8.validate()
     return cfg
 
 
@@ -189,6 +216,19 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"trainer.global_batch_size={t.global_batch_size}: not divisible by "
                           f"trainer.micro_batch_size={t.micro_batch_size} × dp={dp}")
     return dp
+
+
+def check_fp8(cfg: Config) -> None:
+    """FP8 backend against this machine and model (ConfigError naming what cannot run and what would)."""
+    if cfg.fp8.backend == "off":
+        return
+    import torch
+
+    from model.fp8 import check_capability
+
+    name = cfg.trainer.device
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    check_capability(cfg.fp8.precision(), device, cfg.model)
 
 
 def model_config(node: DictConfig) -> ModelConfig:

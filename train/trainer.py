@@ -15,6 +15,7 @@ micro-step grid (micro × dp) and the ramp only changes grad_accum.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -29,6 +30,7 @@ from torch import nn
 
 from model import Transformer, flops_per_token, moe_layers, update_expert_bias
 from model.config import ConfigError
+from model.linear import precision
 from parallel import engine as ds_engine
 from parallel.build import build_model
 from parallel.expert import mark_for_deepspeed
@@ -108,20 +110,8 @@ class Trainer:
         self.layout = Layout(self.world_size, p.pp, p.ep)
         self.groups = build_groups(self.layout, self.rank)
         self.pipelined = p.pp > 1
-        if self.pipelined:
-            ep = (self.groups.ep, p.ep, self.groups.ep_rank) if p.ep > 1 else None
-            self.module, self.pipe_loss = build_pipeline(
-                cfg.model, pp=p.pp, seed=t.seed, partition=p.partition, layer_costs_override=p.layer_costs,
-                seq_len=t.seq_len, activation_checkpoint_interval=p.activation_checkpoint_interval,
-                expert_parallel=ep)
-            self.model = self.module
-            if p.ep > 1:
-                mark_for_deepspeed(self.model, p.ep, self.groups.ep_group_name)
-            blocks = [m.block for m in self.module.modules() if isinstance(m, BlockPipe)]
-        else:
-            self.model = build_model(cfg.model, seed=t.seed, device=self.device, groups=self.groups)
-            self.module = LossModule(self.model)
-            blocks = list(self.model.layers.values())
+        with precision(cfg.fp8.precision()):  # the Linear factory builds FP8 modules when asked
+            blocks = self._build_model()
         for moe in moe_layers(self.model):
             moe.balance_alpha = t.balance_alpha
         if t.compile:
@@ -148,6 +138,31 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.logger = MetricsLogger(self.run_dir, cfg.logging, self.rank, t.max_steps, run_config=asdict(cfg))
+
+    def _build_model(self) -> list[nn.Module]:
+        """This rank's share of the model (pipeline stage or whole model, experts sharded); its blocks."""
+        cfg, t, p = self.cfg, self.cfg.trainer, self.cfg.parallel
+        if self.pipelined:
+            ep = (self.groups.ep, p.ep, self.groups.ep_rank) if p.ep > 1 else None
+            self.module, self.pipe_loss = build_pipeline(
+                cfg.model, pp=p.pp, seed=t.seed, partition=p.partition, layer_costs_override=p.layer_costs,
+                seq_len=t.seq_len, activation_checkpoint_interval=p.activation_checkpoint_interval,
+                expert_parallel=ep)
+            self.model = self.module
+            if p.ep > 1:
+                mark_for_deepspeed(self.model, p.ep, self.groups.ep_group_name)
+            return [m.block for m in self.module.modules() if isinstance(m, BlockPipe)]
+        self.model = build_model(cfg.model, seed=t.seed, device=self.device, groups=self.groups)
+        self.module = LossModule(self.model)
+        return list(self.model.layers.values())
+
+    def _fp8_autocast(self):
+        """Transformer Engine's FP8 context around forwards (other backends need none)."""
+        if self.cfg.fp8.backend != "te":
+            return contextlib.nullcontext()
+        from model.fp8 import te
+
+        return te.autocast(self.cfg.fp8.resolved_recipe(), group=self.groups.dp)
 
     # ------------------------------------------------------------------ loop
     def _all_reduce_mean(self, values: list[float]) -> list[float]:
@@ -214,7 +229,8 @@ class Trainer:
         main_sum, mtp_sum = 0.0, 0.0
         for micro in range(self.grad_accum):
             batch = self._batch()
-            total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
+            with self._fp8_autocast():
+                total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
             main_sum += main.item()
             mtp_sum += mtp.item()
             if micro == self.grad_accum - 1:
@@ -245,7 +261,8 @@ class Trainer:
         The non-finite check comes after the step here (train_batch is one call); the run still
         stops at that step with the last finite loss."""
         self.pipe_loss.mtp_lambda = mtp_lambda
-        self.engine.train_batch(data_iter=iter(self._pipe_batches(self.grad_accum)))
+        with self._fp8_autocast():  # DeepSpeed runs forwards and backwards inside one call
+            self.engine.train_batch(data_iter=iter(self._pipe_batches(self.grad_accum)))
         main, mtp = (self.pipe_loss.take() / self.grad_accum).tolist()  # zeros off the last stage
         sums = self._all_reduce_mean([main, mtp, self._balance_loss() / self.grad_accum])
         self._check_finite(sums)
@@ -269,11 +286,13 @@ class Trainer:
             pipe = [((b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ()),
                      b["labels"]) for b in batches]
             self.pipe_loss.take()
-            self.engine.eval_batch(iter(pipe), num_micro_batches=len(pipe))
+            with self._fp8_autocast():
+                self.engine.eval_batch(iter(pipe), num_micro_batches=len(pipe))
             total, n = float(self.pipe_loss.take()[0]), len(pipe)
         else:
             for b in batches:
-                total += self.model.losses(b["input_ids"], b["labels"], b.get("position_ids")).main.item()
+                with self._fp8_autocast():
+                    total += self.model.losses(b["input_ids"], b["labels"], b.get("position_ids")).main.item()
                 n += 1
         self.model.train()
         if n == 0:
