@@ -51,6 +51,8 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     ("parallel.pp=2", "parallel.pp=2: does not divide the world size 1"),
     ("parallel.ep=2", "parallel.ep=2: does not divide dp=1"),
     ("parallel.partition=bogus", "parallel.partition='bogus'"),
+    ("fp8=te", "fp8.backend=te: needs an NVIDIA GPU (device is cpu); fp8.backend=emulated runs here"),
+    ("fp8.recipe=nope", "fp8.recipe='nope'"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"
