@@ -88,6 +88,9 @@ class Fp8Config:
     def validate(self) -> "Fp8Config":
         if self.backend not in ("off", *FP8_RECIPES):
             raise ConfigError(f"fp8.backend={self.backend!r}: must be off, te, torch or emulated")
+        known = sorted({r for recipes in FP8_RECIPES.values() for r in recipes})
+        if self.recipe and self.recipe not in known:
+            raise ConfigError(f"fp8.recipe={self.recipe!r}: must be one of {', '.join(known)}")
         if self.backend != "off" and self.resolved_recipe() not in FP8_RECIPES[self.backend]:
             raise ConfigError(f"fp8.recipe={self.recipe!r}: fp8.backend={self.backend} offers "
                               f"{', '.join(FP8_RECIPES[self.backend])}")
