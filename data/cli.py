@@ -9,6 +9,7 @@ is a one-line `DataError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -79,6 +80,17 @@ def usage(doc: str | None, schema: type) -> str:
         default = "(required)" if f.default is dataclasses.MISSING else repr(f.default)
         lines.append(f"  {f.name}={default}")
     return "\n".join(lines)
+
+
+def start(argv: Sequence[str], doc: str | None, schema: type):
+    """Common start of a data CLI: quiet `datasets` (no torch import, errors as our one line); the
+    parsed config, or None after printing usage for -h/--help."""
+    os.environ.setdefault("USE_TORCH", "0")  # keep `datasets` from importing torch (2 s) for nothing
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(doc, schema))
+        return None
+    return parse_args(argv, schema)
 
 
 def run(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:

@@ -426,13 +426,9 @@ def summary_line(m: dict, out: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    # This process is ours: keep `datasets` from importing torch (2 s) for tensor formatting we never use.
-    os.environ.setdefault("USE_TORCH", "0")
-    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its errors reach the user as our one line
-    if any(a in ("-h", "--help") for a in argv):
-        print(cli.usage(__doc__, PrepareConfig))
+    cfg = cli.start(argv, __doc__, PrepareConfig)
+    if cfg is None:
         return 0
-    cfg = cli.parse_args(argv, PrepareConfig)
     manifest = prepare(cfg)
     print(summary_line(manifest, cfg.output))
     return 0

@@ -107,13 +107,9 @@ def train(cfg: TrainTokenizerConfig) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    # This process is ours: keep `datasets` from importing torch (2 s) for tensor formatting we never use.
-    os.environ.setdefault("USE_TORCH", "0")
-    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its errors reach the user as our one line
-    if any(a in ("-h", "--help") for a in argv):
-        print(cli.usage(__doc__, TrainTokenizerConfig))
+    cfg = cli.start(argv, __doc__, TrainTokenizerConfig)
+    if cfg is None:
         return 0
-    cfg = cli.parse_args(argv, TrainTokenizerConfig)
     path = train(cfg)
     from tokenizers import Tokenizer
 

@@ -21,13 +21,13 @@ No token is dropped and there is no capacity factor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import Experts, MoE, moe_layers
+from model.moe import Experts, moe_layers
 
 
 class _AllToAll(torch.autograd.Function):
@@ -64,7 +64,6 @@ class DispatchStats:
     metadata_bytes: int = 0  # expert ids and gate weights sent to other ranks, plus counts
     min_payload_bytes: int = 0  # the routing minimum: one row per (token, remote rank), each way
     per_expert_bytes: int = 0  # what a one-copy-per-(token, expert) dispatcher would send
-    history: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.__init__()
@@ -196,6 +195,3 @@ def mark_for_deepspeed(model: nn.Module, ep_size: int, group_name: str) -> None:
 def dispatch_stats(model: nn.Module) -> list[DispatchStats]:
     return [m.dispatcher.stats for m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
-
-__all__ = ["AllToAllDispatcher", "DispatchStats", "all_to_all", "shard_experts", "mark_for_deepspeed",
-           "dispatch_stats", "MoE"]

@@ -251,5 +251,4 @@ def build_pipeline(cfg: ModelConfig, *, pp: int, seed: int, partition: str = "pa
                           activation_checkpoint_interval=activation_checkpoint_interval,
                           activation_checkpoint_func=checkpointing.checkpoint,
                           checkpointable_layers=["BlockPipe"])
-    module.moeforge_parts = parts
     return module, loss

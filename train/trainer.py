@@ -80,6 +80,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _pipe_item(b: dict) -> tuple:
+    """A batch as DeepSpeed's pipeline wants it: ((input_ids, labels[, position_ids]), labels)."""
+    return ((b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ()), b["labels"])
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, world_size: int, rank: int):
         self.cfg = cfg
@@ -248,12 +253,7 @@ class Trainer:
 
         Every stage draws them (middle stages discard theirs) so the loader position is the same
         on every rank."""
-        out = []
-        for _ in range(n):
-            b = self._batch()
-            inputs = (b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ())
-            out.append((inputs, b["labels"]))
-        return out
+        return [_pipe_item(self._batch()) for _ in range(n)]
 
     def _pipeline_step(self, mtp_lambda: float) -> list[float]:
         """Pipeline path: DeepSpeed runs the 1F1B schedule, reduction and step in train_batch.
@@ -283,8 +283,7 @@ class Trainer:
         finally:
             loader.close()
         if self.pipelined and batches:
-            pipe = [((b["input_ids"], b["labels"]) + ((b["position_ids"],) if "position_ids" in b else ()),
-                     b["labels"]) for b in batches]
+            pipe = [_pipe_item(b) for b in batches]
             self.pipe_loss.take()
             with self._fp8_autocast():
                 self.engine.eval_batch(iter(pipe), num_micro_batches=len(pipe))
