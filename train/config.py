@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError, ModelConfig
 
+from .cluster import ClusterConfig
 from .log import LoggingConfig
 from .schedule import OptimConfig, ScheduleConfig
 
@@ -123,6 +124,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the planner's hardware (train/cluster.py)
 
 
 def register_schemas() -> None:
