@@ -51,6 +51,9 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # A peer that dies mid-collective must end the others in bounded time: the launch scripts
+    # (launch/torchrun.sh checks the value) and the two-node test set MOEFORGE_DIST_TIMEOUT_S.
+    timeout_s = int(os.environ.get("MOEFORGE_DIST_TIMEOUT_S", timeout_s))
     timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
