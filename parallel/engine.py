@@ -135,3 +135,51 @@ def record_grad_norm(engine, expert_group=None) -> None:
         engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_record
+
+
+def install_step_guard(engine, decide) -> None:
+    """Call `decide() -> skip` on every rank right before each optimizer update; skip it when True.
+
+    `decide` is collective (the trainer all-reduces the step's losses, a non-finite flag and the
+    preemption flag there), so every rank makes the same choice at the same step. A skipped step
+    goes through DeepSpeed's own overflow path: gradients are cleared, parameters and optimizer
+    state stay bitwise unchanged and `engine.skipped_steps` counts it.
+
+    - ZeRO-1/2: the optimizer's overflow check (`has_overflow`, called once per step before the
+      norm and the update) becomes `decide()`. DeepSpeed also skips a step whose gradient norm is
+      not finite, which is global, so ranks still agree.
+    - No ZeRO: the torch optimizer's `step` is wrapped; `overflow` is the attribute the engine
+      reads to count skipped steps.
+    Pipelines call the optimizer step at the end of `train_batch` on every stage, so the same
+    hook decides before the update there too.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+        opt.check_grad_overflow = True
+        opt.has_overflow = lambda partition_gradients=True: bool(decide())
+        return
+    step = opt.step
+
+    def guarded_step(*args, **kwargs):
+        if decide():
+            opt.zero_grad(set_to_none=True)
+            opt.overflow = True
+            return None
+        opt.overflow = False
+        return step(*args, **kwargs)
+
+    opt.step = guarded_step
+
+
+def local_grads_finite(engine) -> bool:
+    """Whether this rank's gradients for the coming update are finite (ZeRO partitions or .grad)."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow_partitioned_grads_serial") and getattr(opt, "averaged_gradients", None):
+        try:
+            return not bool(opt.has_overflow_partitioned_grads_serial())
+        except (KeyError, IndexError, TypeError):
+            pass  # a group without reduced gradients yet: fall back to .grad (DeepSpeed's norm check remains)
+    for p in engine.module.parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return False
+    return True

@@ -202,15 +202,21 @@ class PipelineLoss:
     def __init__(self, mtp_lambda: float = 0.3):
         self.mtp_lambda = mtp_lambda
         self.parts: list[torch.Tensor] = []
+        self.fault = None  # (tests) injected fault: a function of the loss, applied to every micro-batch
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         del labels  # they travelled with the activations
+        if self.fault is not None:
+            outputs = self.fault(outputs)
         self.parts.append(outputs.detach())
         return outputs[0] + self.mtp_lambda * outputs[1]
 
+    def peek(self) -> torch.Tensor:
+        """Sum of (main, mtp) over the micro-batches since the last take (zeros off the last stage)."""
+        return torch.stack(self.parts).sum(0) if self.parts else torch.zeros(2)
+
     def take(self) -> torch.Tensor:
-        """Sum of (main, mtp) over the micro-batches since the last call (zeros off the last stage)."""
-        total = torch.stack(self.parts).sum(0) if self.parts else torch.zeros(2)
+        total = self.peek()
         self.parts = []
         return total
 

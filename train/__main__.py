@@ -1,8 +1,10 @@
 """`python -m train [hydra overrides]` — and `torchrun --nproc_per_node N -m train …`.
 
 parse → validate (before any process group or model) → init distributed → data → train → summary.
-A user's mistake ends with one line `error: …` and exit code 2; a run that must stop (a
-non-finite loss) with one line and exit code 3.
+A user's mistake ends with one line `error: …` and exit code 2 (a bad checkpoint to resume
+from included); a run that must stop (too many skipped updates) with one line and exit code 3;
+a preempted run (SIGTERM / SIGUSR1 on any rank) saves a checkpoint and exits with 75
+(EX_TEMPFAIL: run again, it resumes).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from model.config import ConfigError
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.errors import DataError
     from parallel.engine import DistEnv
 
+    from . import checkpoint
     from .config import check_fp8, check_layout, compose, to_config
     from .data_setup import check_dataset
 
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         check_layout(cfg, env.world_size)
         check_fp8(cfg)
         check_dataset(cfg)
-    except (ConfigError, DataError) as exc:
+        checkpoint.precheck(cfg.checkpoint.resume, asdict(cfg.model))
+    except (ConfigError, DataError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     resolved_yaml = OmegaConf.to_yaml(composed)
@@ -58,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
-    from .trainer import TrainError, resolve_device
+    from parallel.state import StateError
+
+    from .checkpoint import CheckpointError
+    from .faults import EXIT_PREEMPTED
+    from .trainer import Preempted, TrainError, resolve_device
 
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu":
@@ -87,13 +96,23 @@ def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
             return EXIT_USER_ERROR
         trainer = Trainer(cfg, run_dir, env.world_size, env.rank)
         train_loader, val_factory = build_loaders(cfg, data_path, dp_rank=env.rank % trainer.dp, dp_size=trainer.dp)
-        trainer.setup(train_loader, val_factory)
+        try:
+            trainer.setup(train_loader, val_factory)  # resumes: a bad checkpoint is the user's input
+        except (ConfigError, DataError, CheckpointError, StateError) as exc:
+            train_loader.close()
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
         try:
             summary = trainer.fit()
         except TrainError as exc:
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             return EXIT_TRAIN_ERROR
+        except Preempted as exc:
+            if env.rank == 0:
+                print(f"{exc}; exit {EXIT_PREEMPTED} (run again with checkpoint.resume=auto)", file=sys.stderr)
+            return EXIT_PREEMPTED
         finally:
             trainer.close()
         if env.rank == 0:

@@ -52,6 +52,17 @@ class ParallelConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detector (train/faults.py): loss > mean + max(k·std, min_rise·mean) of the last window."""
+
+    action: str = "skip"  # off | skip (drop the update) | rollback (reload the last checkpoint, skip its data since)
+    window: int = 100  # accepted losses the mean and spread are taken over
+    k: float = 6.0  # standard deviations above the mean
+    min_rise: float = 0.1  # and at least this fraction of the mean above it
+    warmup: int = 100  # losses seen before the detector acts
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     seed: int = 0
@@ -67,6 +78,8 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic algorithms (parity tests)
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    max_skipped: int = 10  # consecutive skipped updates (non-finite values, loss spikes) before the run stops
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 FP8_RECIPES = {"te": ("blockwise", "current", "delayed", "mxfp8"), "torch": ("tensorwise", "rowwise"),
@@ -108,9 +121,10 @@ class Fp8Config:
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # "" = <run dir>/checkpoints
-    interval: int = 0  # steps between saves; 0 = only at the end
-    keep: int = 3
-    resume: str = "auto"
+    interval: int = 0  # steps between saves; 0 = only at the end (and on preemption)
+    keep: int = 3  # complete checkpoints kept (the newest is never deleted)
+    resume: str = "auto"  # auto (newest verified in dir, else start fresh) | never | <checkpoint path>
+    save_at_end: bool = True  # save after the last step
 
 
 @dataclass
@@ -192,9 +206,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.pp={p.pp}, parallel.ep={p.ep}: must be >= 1")
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1 or 2 (ZeRO-3 is not supported)")
-    if cfg.checkpoint.interval != 0:
-        raise ConfigError(f"checkpoint.interval={cfg.checkpoint.interval}: checkpoint saving arrives with the "
-                          "checkpoint issue; leave it at 0")
+    c = cfg.checkpoint
+    if c.interval < 0:
+        raise ConfigError(f"checkpoint.interval={c.interval}: must be >= 0 (0 = only at the end)")
+    if c.keep < 1:
+        raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
+    sp = t.spike
+    if sp.action not in ("off", "skip", "rollback"):
+        raise ConfigError(f"trainer.spike.action={sp.action!r}: must be off, skip or rollback")
+    if sp.window < 2 or sp.warmup < 0 or sp.k <= 0 or sp.min_rise < 0:
+        raise ConfigError(f"trainer.spike: window={sp.window} (>= 2), warmup={sp.warmup} (>= 0), k={sp.k} (> 0), "
+                          f"min_rise={sp.min_rise} (>= 0)")
+    if t.max_skipped < 1:
+        raise ConfigError(f"trainer.max_skipped={t.max_skipped}: must be >= 1")
     cfg.fp8.validate()
     return cfg
 

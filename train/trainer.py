@@ -16,9 +16,11 @@ micro-step grid (micro × dp) and the ramp only changes grad_accum.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,17 +36,24 @@ from model.linear import precision
 from parallel import engine as ds_engine
 from parallel.build import build_model
 from parallel.expert import mark_for_deepspeed
+from parallel import state as pstate
 from parallel.pipeline import BlockPipe, build_pipeline
 from parallel.topology import Layout, build_groups
 
+from . import checkpoint as ckpt
 from . import metrics as M
 from .config import Config
+from .faults import Faults, Preemption, SpikeDetector, inject
 from .log import MetricsLogger
 from .schedule import gamma_at, global_batch_at, lr_at, mtp_lambda_at, param_groups
 
 
 class TrainError(RuntimeError):
     """A run that must stop (non-finite loss…): one line for the user, non-zero exit."""
+
+
+class Preempted(RuntimeError):
+    """A preemption signal arrived; the run saved a checkpoint and must leave (EXIT_PREEMPTED)."""
 
 
 class LossModule(nn.Module):
@@ -54,10 +63,12 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.mtp_lambda = 0.3
+        self.fault: str | None = None  # injected fault of this step (tests; train/faults.py)
 
     def forward(self, input_ids, labels, position_ids=None):
         losses = self.model.losses(input_ids, labels, position_ids)
-        return losses.main + self.mtp_lambda * losses.mtp, losses.main.detach(), losses.mtp.detach()
+        total = inject(losses.main + self.mtp_lambda * losses.mtp, self.fault)
+        return total, inject(losses.main.detach(), self.fault), losses.mtp.detach()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +89,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as JSON-able values (checkpoints load them without unpickling)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _pipe_item(b: dict) -> tuple:
@@ -101,6 +131,16 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_finite_loss = float("nan")
+        self.skipped_total = 0  # updates skipped (non-finite values, loss spikes)
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        sp = cfg.trainer.spike
+        self.spike = SpikeDetector(sp.window, sp.k, sp.min_rise, sp.warmup)
+        self.preemption = Preemption()
+        self.faults = Faults.from_environ(rank)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self.resumed_from: Path | None = None
+        self._guard: dict | None = None
 
     # ----------------------------------------------------------------- setup
     def setup(self, train_loader, val_loader_factory) -> None:
@@ -137,11 +177,14 @@ class Trainer:
             ds_engine.record_grad_norm(self.engine, self.groups.ep)
         if self.dp == 1:
             self.engine.enable_backward_allreduce = False
+        ds_engine.install_step_guard(self.engine, self._decide)
         self.grad_accum = ga
         self.train_loader = train_loader
-        self.train_iter = iter(train_loader)
         self.val_loader_factory = val_loader_factory
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self._resume()
+        self.train_iter = iter(train_loader)
+        self.preemption.install()
         self.logger = MetricsLogger(self.run_dir, cfg.logging, self.rank, t.max_steps, run_config=asdict(cfg))
 
     def _build_model(self) -> list[nn.Module]:
@@ -202,51 +245,93 @@ class Trainer:
         return total
 
     def train_step(self) -> dict:
+        """One optimizer step (or one skipped update: non-finite values or a loss spike)."""
         cfg, t = self.cfg, self.cfg.trainer
         self._set_batch_size()
         lr = lr_at(cfg.schedule, cfg.optim.lr, self.step, t.max_steps, self.tokens_seen, self.total_tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mtp_lambda = mtp_lambda_at(cfg.schedule, self.tokens_seen, self.total_tokens)
+        fault = self.faults.loss_fault(self.step + 1)
+        skipped_before = self.engine.skipped_steps
+        self._guard = None
         if self.pipelined:
-            sums = self._pipeline_step(mtp_lambda)
+            self._pipeline_step(mtp_lambda, fault)
         else:
-            sums = self._engine_step(mtp_lambda)
+            self._engine_step(mtp_lambda, fault)
+        if self._guard is None:
+            raise TrainError("internal: the optimizer step ran without the step guard (DeepSpeed API change?)")
+        sums, reason = self._guard["sums"], self._guard["reason"]
+        skipped = self.engine.skipped_steps > skipped_before
+        if skipped and reason is None:
+            reason = "non-finite gradient norm"
         reduce = (lambda c: dist.all_reduce(c, group=self.groups.dp)) if self.dp > 1 else None
         gamma = gamma_at(cfg.schedule, self.tokens_seen, self.total_tokens)
-        load = update_expert_bias(self.model, gamma, reduce_counts=reduce)
+        # A skipped update moves no expert bias either (the counts are still reduced and reset).
+        load = update_expert_bias(self.model, 0.0 if skipped else gamma, reduce_counts=reduce)
         tokens = self.grad_accum * self.granularity * t.seq_len
         self.step += 1
         self.tokens_seen += tokens
-        self.last_finite_loss = sums[0]
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": sums[0], "mtp_loss": sums[1], "balance_loss": sums[2], "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "mtp_lambda": mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load}
+        if skipped:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+            self.last_finite_loss = sums[0]
+            if cfg.trainer.spike.action != "off":
+                self.spike.accept(sums[0])
+        grad_norm = None if skipped else self.engine.get_global_grad_norm()
+        out = {"loss": sums[0], "mtp_loss": sums[1], "balance_loss": sums[2], "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "mtp_lambda": mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load,
+               "skipped": reason, "preempt": self._guard["preempt"]}
+        if skipped and self.consecutive_skips >= t.max_skipped:
+            raise TrainError(f"{self.consecutive_skips} consecutive updates skipped at step {self.step} "
+                             f"(last: {reason}; last applied loss {self.last_finite_loss:.4f}); "
+                             f"trainer.max_skipped={t.max_skipped}")
+        return out
 
-    def _check_finite(self, sums: list[float]) -> None:
-        if not math.isfinite(sums[0]) or not math.isfinite(sums[1]):
-            raise TrainError(f"non-finite loss at step {self.step + 1} (last finite loss {self.last_finite_loss:.4f})")
+    def _local_loss_sums(self) -> list[float]:
+        if self.pipelined:
+            return (self.pipe_loss.peek() / self.grad_accum).tolist()  # zeros off the last stage
+        return [self._main_sum / self.grad_accum, self._mtp_sum / self.grad_accum]
 
-    def _engine_step(self, mtp_lambda: float) -> list[float]:
+    def _decide(self) -> bool:
+        """The step guard (parallel/engine.py), on every rank right before the update: skip it?
+
+        One all-reduce over all ranks carries the step's losses, a non-finite-gradient flag and
+        the preemption flag; the decision is computed from the reduced values, so it is the same
+        on every rank."""
+        main, mtp = self._local_loss_sums()
+        flags = [0.0 if ds_engine.local_grads_finite(self.engine) else 1.0, 1.0 if self.preemption.requested else 0.0]
+        buf = torch.tensor([main, mtp, self._balance_loss() / self.grad_accum] + flags, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(buf)
+        sums = (buf[:3] / self.dp).tolist()
+        reason = None
+        if not (math.isfinite(sums[0]) and math.isfinite(sums[1])):
+            reason = "non-finite loss"
+        elif buf[3] > 0:
+            reason = "non-finite gradient"
+        elif self.cfg.trainer.spike.action != "off" and self.spike.is_spike(sums[0]):
+            reason = "loss spike"
+        self._guard = {"sums": sums, "reason": reason, "preempt": bool(buf[4] > 0)}
+        return reason is not None
+
+    def _engine_step(self, mtp_lambda: float, fault: str | None) -> None:
         """Non-pipeline path: engine(batch), engine.backward, engine.step per micro-batch."""
         self.module.mtp_lambda = mtp_lambda
-        main_sum, mtp_sum = 0.0, 0.0
-        for micro in range(self.grad_accum):
+        self.module.fault = fault
+        self._main_sum, self._mtp_sum = 0.0, 0.0
+        for _ in range(self.grad_accum):
             batch = self._batch()
             with self._fp8_autocast():
                 total, main, mtp = self.engine(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-            main_sum += main.item()
-            mtp_sum += mtp.item()
-            if micro == self.grad_accum - 1:
-                # Agree on the step's loss before the update is applied: a non-finite loss stops
-                # every rank here, with the parameters of the last good step.
-                sums = self._all_reduce_mean([main_sum / self.grad_accum, mtp_sum / self.grad_accum,
-                                              self._balance_loss() / self.grad_accum])
-                self._check_finite(sums)
+            self._main_sum += main.item()
+            self._mtp_sum += mtp.item()
             self.engine.backward(total)
-            self.engine.step()
-        return sums
+            self.engine.step()  # the last one runs the step guard, then the update
+        self.module.fault = None
 
     def _pipe_batches(self, n: int):
         """n micro-batches as DeepSpeed's pipeline wants them: ((input_ids, labels[, position_ids]), labels).
@@ -255,18 +340,14 @@ class Trainer:
         on every rank."""
         return [_pipe_item(self._batch()) for _ in range(n)]
 
-    def _pipeline_step(self, mtp_lambda: float) -> list[float]:
-        """Pipeline path: DeepSpeed runs the 1F1B schedule, reduction and step in train_batch.
-
-        The non-finite check comes after the step here (train_batch is one call); the run still
-        stops at that step with the last finite loss."""
+    def _pipeline_step(self, mtp_lambda: float, fault: str | None) -> None:
+        """Pipeline path: DeepSpeed runs the 1F1B schedule, reduction, guard and step in train_batch."""
         self.pipe_loss.mtp_lambda = mtp_lambda
+        self.pipe_loss.fault = (lambda out: inject(out, fault)) if fault else None
         with self._fp8_autocast():  # DeepSpeed runs forwards and backwards inside one call
             self.engine.train_batch(data_iter=iter(self._pipe_batches(self.grad_accum)))
-        main, mtp = (self.pipe_loss.take() / self.grad_accum).tolist()  # zeros off the last stage
-        sums = self._all_reduce_mean([main, mtp, self._balance_loss() / self.grad_accum])
-        self._check_finite(sums)
-        return sums
+        self.pipe_loss.take()
+        self.pipe_loss.fault = None
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -300,28 +381,173 @@ class Trainer:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def fit(self) -> dict:
-        t = self.cfg.trainer
+        t, c = self.cfg.trainer, self.cfg.checkpoint
         self.model.train()
         throughput = M.Throughput()
         start = time.perf_counter()
         summary = {}
+        saved_step = self.step if self.resumed_from is not None else -1
         while self.step < t.max_steps:
             out = self.train_step()
             throughput.update(out["tokens"], time.perf_counter())
             self.logger.progress(self.step)
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            if out["skipped"] or self.step % t.log_interval == 0 or self.step == t.max_steps:
                 self.logger.log(self.step, self._metrics(out, throughput, time.perf_counter() - start),
                                 histograms=self._histograms(out["load"]))
             summary["train_loss"] = out["loss"]
+            if out["skipped"] == "loss spike" and t.spike.action == "rollback":
+                self.rollback()
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
                 ev = self.evaluate()
                 if ev:
                     self.logger.log(self.step, {"kind": "eval", **ev})
                     summary.update(ev)
+            if out["preempt"]:
+                self.save_checkpoint()
+                raise Preempted(f"preempted by a signal: saved step {self.step} in {self.ckpt_root}")
+            if c.interval and self.step % c.interval == 0:
+                self.save_checkpoint()
+                saved_step = self.step
+        if c.save_at_end and saved_step != self.step:
+            self.save_checkpoint()
         summary["tokens_per_s"] = throughput.overall()
         summary["elapsed_s"] = time.perf_counter() - start
         summary["tokens_seen"] = self.tokens_seen
+        summary["skipped_updates"] = self.skipped_total
         return summary
+
+    # ------------------------------------------------------------ checkpoints
+    def _gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _owners(self) -> tuple[bool, bool]:
+        """(dense owner, expert owner): who writes replicated tensors when there is no ZeRO."""
+        dp_rank = self.layout.dp_rank_of(self.rank)
+        return dp_rank == 0, self.layout.edp_ranks(self.rank)[0] == self.rank
+
+    def trainer_state(self) -> dict:
+        from . import provenance
+
+        p = self.cfg.parallel
+        return {"format_version": ckpt.FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
+                "adam_step": pstate.adam_step(self.optimizer), "engine_global_steps": self.engine.global_steps,
+                "engine_skipped_steps": self.engine.skipped_steps, "skipped_total": self.skipped_total,
+                "consecutive_skips": self.consecutive_skips, "rollbacks": self.rollbacks,
+                "last_finite_loss": self.last_finite_loss, "spike": self.spike.state_dict(),
+                "loader": self.train_loader.state_dict(),
+                "layout": {"world": self.world_size, "pp": p.pp, "dp": self.dp, "ep": p.ep},
+                "model": asdict(self.cfg.model), "config": asdict(self.cfg), "code": provenance.git_state(),
+                "time": time.time()}
+
+    def save_checkpoint(self) -> Path:
+        """Every rank writes its files; rank 0 commits (train/checkpoint.py). Returns the final path."""
+        root, name = self.ckpt_root, ckpt.step_dir_name(self.step)
+        tmp, final = root / f"{ckpt.TMP_PREFIX}{name}", root / name
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(root)
+            tmp.mkdir()
+        self._barrier()
+        owner, expert_owner = self._owners()
+        frags, shapes = pstate.fragments(self.module, self.optimizer, self.cfg.model.n_routed_experts,
+                                         owner, expert_owner)
+        state_file = tmp / f"state-{self.rank:05d}.safetensors"
+        rows = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
+        rng_file = tmp / f"rank-{self.rank:05d}.json"
+        ckpt.write_durable(rng_file, json.dumps(rng_state()).encode())
+        records = dict(ckpt.file_record(f) for f in (state_file, rng_file))
+        gathered = self._gather((state_file.name, rows, shapes, records))
+        self.faults.crash_point("shards")
+        if self.rank == 0:
+            all_shapes, all_records, files = {}, {}, {}
+            for fname, r, sh, rec in gathered:
+                all_shapes.update(sh)
+                all_records.update(rec)
+                files[fname] = r
+            pstate.write_index(tmp / pstate.INDEX, all_shapes, files)
+            ckpt.write_durable(tmp / "trainer.json", json.dumps(self.trainer_state(), indent=1).encode())
+            all_records.update(dict(ckpt.file_record(tmp / n) for n in (pstate.INDEX, "trainer.json")))
+            ckpt.write_manifest(tmp, all_records, self.step)
+            self.faults.crash_point("manifest")
+            ckpt.commit(tmp, final)
+            self.faults.crash_point("renamed")
+            ckpt.update_pointer(root, name)
+            ckpt.retain(root, self.cfg.checkpoint.keep)
+        self._barrier()  # nobody reads or rolls back to it before it is in place
+        return final
+
+    def _find_checkpoint(self) -> Path | None:
+        """The checkpoint to start from: resume=auto → newest verified in dir; <path> → that one."""
+        how = self.cfg.checkpoint.resume
+        if how == "never":
+            return None
+        gather = self._gather if self.world_size > 1 else None
+        if how == "auto":
+            return ckpt.select(self.ckpt_root, self.rank, self.world_size, gather)
+        path = Path(how)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint.resume={how}: no such checkpoint directory")
+        ckpt.verify(path, self.rank, self.world_size, gather)
+        return path
+
+    def _resume(self) -> None:
+        path = self._find_checkpoint()
+        if path is None:
+            return
+        state = self._load_state(path)
+        self.train_loader.load_state_dict(state["loader"])
+        self.resumed_from = path
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _load_state(self, path: Path) -> dict:
+        """Weights, optimizer state, RNG and counters of `path` into this (possibly other) layout."""
+        state = ckpt.read_trainer_state(path)
+        diff = ckpt.first_difference(state.get("model", {}), asdict(self.cfg.model))
+        if diff:
+            raise ConfigError(f"checkpoint {path}: incompatible model: model.{diff}")
+        reader = pstate.Reader(path)
+        pstate.restore(reader, self.module, self.optimizer, self.cfg.model.n_routed_experts, state["adam_step"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_total, self.consecutive_skips = int(state["skipped_total"]), int(state["consecutive_skips"])
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.last_finite_loss = float(state.get("last_finite_loss", float("nan")))
+        self.spike.load_state_dict(state.get("spike", {}))
+        self.engine.global_steps = int(state["engine_global_steps"])
+        self.engine.skipped_steps = int(state["engine_skipped_steps"])
+        rng_file = path / f"rank-{self.rank:05d}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+        else:  # more ranks than the saving layout had: a fresh, rank-distinct seed
+            seed_everything(self.cfg.trainer.seed + 1000003 * (self.rank + 1) + self.step)
+        return state
+
+    def rollback(self) -> None:
+        """After a loss spike: reload the newest complete checkpoint, keep the data position (the
+        window since that checkpoint, spike included, is skipped)."""
+        gather = self._gather if self.world_size > 1 else None
+        path = ckpt.select(self.ckpt_root, self.rank, self.world_size, gather)
+        if path is None:
+            if self.rank == 0:
+                print(f"warning: loss spike at step {self.step}: no checkpoint to roll back to; update skipped",
+                      file=sys.stderr, flush=True)
+            return
+        skipped_to = self.step
+        self._load_state(path)
+        self.rollbacks += 1
+        self.train_iter.close()
+        self.train_iter = iter(self.train_loader)
+        if self.rank == 0:
+            print(f"loss spike at step {skipped_to}: rolled back to {path.name} (step {self.step}); "
+                  f"its data since then is skipped", file=sys.stderr, flush=True)
 
     def _metrics(self, out: dict, throughput, elapsed: float) -> dict:
         lc = self.cfg.logging

@@ -1,0 +1,222 @@
+"""Checkpoint directories: atomic commit, manifest verification, retention, resume selection.
+
+Layout of `checkpoint.dir`:
+
+    step-00001000/            a complete checkpoint (only ever appears by rename)
+        manifest.json         every other file's size and SHA-256 (written last, before the rename)
+        trainer.json          step, tokens, loader position, spike detector, resolved config, code version
+        index.json            global shapes and which file holds which range (parallel/state.py)
+        state-00000.safetensors …   each rank's fragments of weights, fp32 master weights, Adam moments
+        rank-00000.json …     each rank's RNG states (python, numpy, torch CPU and CUDA)
+    latest                    name of the newest complete checkpoint (write-temp, fsync, rename)
+    .tmp-step-00001000/       a save in progress (or one that crashed: ignored, removed by the next save)
+
+Commit (DESIGN.md): every rank writes its files into the temporary directory and fsyncs them;
+barrier; rank 0 hashes nothing itself — each rank reports its files' sizes and SHA-256 — writes
+the manifest, fsyncs, renames the directory into place, fsyncs the parent, then updates
+`latest`. A crash at any moment leaves either the previous set of complete checkpoints or that
+set plus the new one. Retention deletes the oldest complete checkpoints beyond `keep` only after
+the new one is in place, and never the newest.
+
+Resume: `auto` takes the newest `step-*` whose manifest verifies (sizes and hashes, checked in
+parallel: rank r hashes files r, r + world, …); one that fails is skipped with a warning naming
+the file. The `latest` pointer is what outside tools read; resume does not need it, so a crash
+between the rename and the pointer update loses nothing. Followed Megatron's tracker-file +
+iteration-directory convention and torchtitan's step-N folders; the manifest is ours (neither
+verifies content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+POINTER = "latest"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (one line naming the path or file)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def file_record(path: Path) -> tuple[str, dict]:
+    fsync_path(path)
+    return path.name, {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(tmp: Path, records: dict[str, dict], step: int) -> None:
+    body = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(records.items()))}
+    write_durable(tmp / MANIFEST, json.dumps(body, indent=1).encode())
+    fsync_path(tmp)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory into place (durably)."""
+    if final.exists():  # a save of the same step (a rollback re-reached it): replace the old one
+        trash = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    tmp.rename(final)
+    fsync_path(final.parent)
+
+
+def update_pointer(root: Path, name: str) -> None:
+    tmp = root / f"{TMP_PREFIX}{POINTER}"
+    write_durable(tmp, (name + "\n").encode())
+    tmp.rename(root / POINTER)
+    fsync_path(root)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Renamed-into-place checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def retain(root: Path, keep: int) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep` (never the newest); returns the deleted."""
+    done = complete_checkpoints(root)
+    doomed = done[:-max(keep, 1)]
+    for p in doomed:
+        trash = p.with_name(f"{TMP_PREFIX}del-{p.name}")
+        p.rename(trash)  # out of resume's sight first, then delete
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        body = json.loads((path / MANIFEST).read_text())
+        files = body["files"]
+        if not isinstance(files, dict):
+            raise ValueError("files is not a mapping")
+        return body
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / MANIFEST}: missing (an incomplete checkpoint)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable ({exc})") from None
+
+
+def verify_files(path: Path, names: list[str], files: dict) -> str | None:
+    """The first problem among `names` (size, then SHA-256), or None."""
+    for name in names:
+        rec = files[name]
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != rec["size"]:
+            return f"{f}: size {f.stat().st_size} bytes, the manifest says {rec['size']}"
+        if sha256_file(f) != rec["sha256"]:
+            return f"{f}: SHA-256 does not match the manifest (corrupted)"
+    return None
+
+
+def verify(path: Path, rank: int = 0, world: int = 1, gather=None) -> None:
+    """Raise CheckpointError naming the first bad file; ranks share the hashing when `gather` is given.
+
+    `gather(obj) -> list` all-gathers a Python object over the ranks (None in one process).
+    """
+    files = read_manifest(path)["files"]
+    names = sorted(files)
+    problem = verify_files(path, names[rank::world] if gather else names, files)
+    problems = gather(problem) if gather else [problem]
+    bad = [p for p in problems if p]
+    if bad:
+        raise CheckpointError(sorted(bad)[0])
+    extra = {"trainer.json", "index.json"} - set(names)
+    if extra:
+        raise CheckpointError(f"{path / MANIFEST}: does not list {', '.join(sorted(extra))}")
+
+
+def select(root: Path, rank: int = 0, world: int = 1, gather=None, warn=None) -> Path | None:
+    """The newest complete checkpoint under root that verifies; None when there is none."""
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            verify(path, rank, world, gather)
+            return path
+        except CheckpointError as exc:
+            if rank == 0:
+                warn(f"skipping checkpoint {path.name}: {exc}")
+    return None
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'trainer.json'}: unreadable ({exc})") from None
+
+
+def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first differing field between two nested dicts, as `a.b: saved X, now Y`."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            return f"{prefix}{key} is {a!r} in the checkpoint but {b!r} now"
+    return None
+
+
+def precheck(resume: str, model: dict) -> None:
+    """Cheap checks of an explicit `checkpoint.resume=<path>` before any process starts (no hashing)."""
+    if resume in ("auto", "never"):
+        return
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    read_manifest(path)
+    diff = first_difference(read_trainer_state(path).get("model", {}), model)
+    if diff:
+        raise CheckpointError(f"checkpoint {path}: incompatible model: model.{diff}")
