@@ -1,0 +1,337 @@
+"""Memory, time and communication of one layout, from the config alone (for `python -m train.plan`).
+
+Followed: Megatron-LM's `theoretical_memory_usage.py` for the structure — bytes per parameter
+for weights and optimizer state on the most loaded pipeline shard, activations per layer
+times the micro-batches in flight under 1F1B (min(m, pp) on the first stage) — and the ZeRO
+paper's accounting of model states (Rajbhandari et al. 2020, §3: 2Ψ weights + 2Ψ gradients +
+KΨ optimizer state, the last divided by dp at stage 1, gradients too at stage 2). Not its
+formulas: Megatron's per-layer `sbh(34 + 5as/h)` describes a GPT layer with dropout, and ours is
+MLA + DeepSeekMoE, so activations are counted tensor by tensor from what autograd keeps for
+backward in model/ (`block_activations`). The model states follow what moeforge's DeepSpeed
+setup actually holds (checked against the trainer in tests/unit/test_plan.py):
+
+- weights and `.grad` in the compute dtype, full size (ZeRO-2 frees `.grad` into partitions);
+- with ZeRO ≥ 1 or a BF16 run, DeepSpeed's FP32 master partition (ZeRO-1/2 copy even FP32
+  weights into their flat partition) and an FP32 copy of the gradient partition of the
+  parameter group being updated; an FP32 run without ZeRO has neither — the weights are the
+  master;
+- two Adam moments in `moments` precision (FP32 in moeforge's AdamW; DeepSeek-V3 §3.3 kept
+  them in BF16), partitioned like the master;
+- dense (non-expert) states shard over dp, expert states over the expert-data-parallel group
+  (dp / ep), the experts themselves over ep. At dp = 1 the trainer uses ZeRO stage 0.
+
+Time: each stage's FLOPs per micro-batch over the cluster's peak (FP8 for the projections when
+fp8 is on, BF16 for attention, router and head) × a stated efficiency, plus the communication
+that is not overlapped; a 1F1B step is (m + pp − 1) micro-batch slots of the slowest stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from model.config import ModelConfig
+from model.flops import attention_flops_per_token, block_params, flops_per_token, param_counts
+
+from .cluster import ClusterConfig
+
+GIB = 2**30
+FP8_BYTES = 1 + 4 / 128  # E4M3 value + one FP32 scale per 1×128 tile (DeepSeek-V3 §3.3.2)
+
+
+@dataclass
+class Setup:
+    """Everything a plan depends on besides the model and the cluster."""
+
+    world: int
+    pp: int = 1
+    ep: int = 1
+    zero_stage: int = 1
+    micro_batch: int = 1
+    global_batch: int = 1
+    seq_len: int = 4096
+    recompute_interval: int = 0  # parallel.activation_checkpoint_interval
+    fp8: bool = False
+    dtype: str = "bf16"  # compute precision: bf16 | fp32
+    moments: str = "fp32"  # Adam moment precision: fp32 | bf16
+    stage_bounds: list[int] = field(default_factory=list)  # block boundaries [0, …, n_layers]
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.pp
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def effective_zero(self) -> int:
+        return self.zero_stage if self.dp > 1 else 0  # the trainer's choice at dp = 1
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.dtype == "bf16" else 4
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    blocks: tuple[int, int]  # [first, last) block ids
+    dense_params: int  # non-expert parameters held by one GPU of this stage
+    expert_params: int  # expert parameters held by one GPU (already / ep)
+    weights: float = 0.0  # bytes, per GPU
+    grads: float = 0.0
+    master: float = 0.0
+    moments: float = 0.0
+    act_no_recompute: float = 0.0
+    act_recompute: float = 0.0  # full recomputation of every block (interval 1)
+    activations: float = 0.0  # under the configured setting
+    all_to_all: float = 0.0
+    pipe_buffers: float = 0.0
+    reserved: float = 0.0
+    flops_per_micro: float = 0.0
+    fp8_flops_per_micro: float = 0.0
+    t_compute: float = 0.0  # seconds per micro-batch
+    t_ep: float = 0.0
+    t_pp: float = 0.0
+    ep_bytes: float = 0.0  # per micro-batch, sent by one GPU
+    pp_bytes: float = 0.0
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return {"weights": self.weights, "gradients": self.grads, "master weights": self.master,
+                "Adam moments": self.moments, "activations": self.activations, "all-to-all buffers": self.all_to_all,
+                "pipeline buffers": self.pipe_buffers, "reserved": self.reserved}
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    cluster: ClusterConfig
+    stages: list[StagePlan]
+    bubble: float
+    step_s: float | None
+    tokens_per_s_per_gpu: float | None
+    mfu: float | None
+    ep_bytes_step: float  # per GPU per step (largest stage)
+    pp_bytes_step: float
+    dp_bytes_step: float
+    t_dp: float
+
+    @property
+    def worst(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def memory(self) -> float:
+        return self.cluster.gpu_memory_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.total <= self.memory
+
+
+# ------------------------------------------------------------------ pieces
+def distinct_ranks_per_token(n_experts: int, top_k: int, ep: int) -> float:
+    """Expected EP ranks a token is sent to under uniform routing: moeforge's dispatcher sends one
+    copy per (token, destination rank), not per (token, expert)."""
+    if ep <= 1:
+        return 1.0
+    local = n_experts // ep
+    miss = math.comb(n_experts - local, top_k) / math.comb(n_experts, top_k)
+    return ep * (1.0 - miss)
+
+
+def block_activations(cfg: ModelConfig, layer_id: int, ep: int) -> tuple[float, float, float]:
+    """Elements per token kept for backward by one block: (compute dtype, FP8-cacheable, FP32).
+
+    FP8-cacheable are the inputs of the FP8 projections, which DeepSeek-V3 (§3.3.3) caches in
+    FP8; FP32 are the router scores. Attention is SDPA/flash: no T×T scores are kept.
+    """
+    D, H = cfg.dim, cfg.n_heads
+    qk = cfg.qk_head_dim
+    keep = 2 * D  # attn_norm and ffn_norm inputs (RMSNorm backward)
+    fp8 = D  # attn_norm output: input of wq_a / wkv_a
+    if cfg.q_lora_rank:
+        keep += cfg.q_lora_rank  # q_norm input
+        fp8 += cfg.q_lora_rank  # q_norm output: input of wq_b
+    keep += cfg.kv_lora_rank  # kv_norm input
+    fp8 += cfg.kv_lora_rank  # kv_norm output: input of wkv_b
+    keep += 4 * H * qk  # SDPA's q, k, v (padded to the q/k head dim) and output
+    fp8 += H * cfg.v_head_dim  # attention output: input of wo
+    fp32 = H  # log-sum-exp per head
+    fp8 += D  # ffn_norm output: input of the MLP / experts / router
+    if cfg.is_moe_layer(layer_id):
+        F, k = cfg.moe_inter_dim, cfg.n_activated_experts
+        fp32 += cfg.n_routed_experts  # router scores
+        keep += 2 * F * cfg.n_shared_experts  # shared experts: gate and up outputs
+        fp8 += F * cfg.n_shared_experts  # silu(gate) * up: input of w2
+        copies = distinct_ranks_per_token(cfg.n_routed_experts, k, ep) if ep > 1 else k
+        fp8 += copies * D  # rows received by the experts (one per token and rank, or per expert)
+        keep += k * 2 * F + k * D  # per (token, expert): gate and up outputs, expert output for the weighted sum
+        fp8 += k * F  # silu(gate) * up: input of w2
+        keep += copies * D if ep > 1 else 0  # rows returned by the combine all-to-all
+    else:
+        keep += 2 * cfg.inter_dim
+        fp8 += cfg.inter_dim
+    return keep, fp8, fp32
+
+
+def _block_bytes(cfg: ModelConfig, layer_id: int, s: Setup) -> float:
+    keep, fp8, fp32 = block_activations(cfg, layer_id, s.ep)
+    per_fp8 = FP8_BYTES if s.fp8 else s.act_bytes
+    return keep * s.act_bytes + fp8 * per_fp8 + fp32 * 4
+
+
+def _expert_params(cfg: ModelConfig, layer_id: int) -> int:
+    return cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if cfg.is_moe_layer(layer_id) else 0
+
+
+def _linear_flops_per_token(cfg: ModelConfig, layer_id: int) -> tuple[float, float]:
+    """(FP8-able projection FLOPs, BF16 router FLOPs) per token, forward + backward, of one block."""
+    activated = block_params(cfg, layer_id).activated
+    router = cfg.n_routed_experts * cfg.dim if cfg.is_moe_layer(layer_id) else 0
+    return 6 * (activated - router), 6 * router
+
+
+def stage_layers(cfg: ModelConfig, bounds: list[int], stage: int) -> list[int]:
+    """Block ids on `stage`; the last stage also runs the MTP blocks (ids n_layers…)."""
+    ids = list(range(bounds[stage], bounds[stage + 1]))
+    if stage == len(bounds) - 2:
+        ids += [cfg.n_layers + k for k in range(cfg.n_mtp_layers)]
+    return ids
+
+
+# ------------------------------------------------------------------ plan
+def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
+    """Per-stage memory, per-step time and communication of layout `s` on `cluster`."""
+    D, V = cfg.dim, cfg.vocab_size
+    T = s.micro_batch * s.seq_len  # tokens per micro-batch
+    b = s.act_bytes
+    m = max(1, s.grad_accum)
+    zero = s.effective_zero
+    mb = 2 if s.moments == "bf16" else 4
+    gpn = cluster.gpus_per_node
+    bounds = s.stage_bounds or [0, cfg.n_layers]
+    peak_bf16 = cluster.peak_bf16_tflops * 1e12 * cluster.efficiency
+    peak_fp8 = (cluster.peak_fp8_tflops or cluster.peak_bf16_tflops) * 1e12 * cluster.efficiency
+    if s.dtype == "fp32":
+        peak_bf16 = peak_fp8 = peak_bf16 / 2 if peak_bf16 else 0.0  # FP32 tensor-core rate is half of BF16 at best
+    k_eff = distinct_ranks_per_token(cfg.n_routed_experts, cfg.n_activated_experts, s.ep)
+    dispatch_b = FP8_BYTES if s.fp8 else b
+    stages = []
+    for st in range(s.pp):
+        ids = stage_layers(cfg, bounds, st)
+        first, last = st == 0, st == s.pp - 1
+        dense = sum(block_params(cfg, i).total - _expert_params(cfg, i) for i in ids)
+        expert = sum(_expert_params(cfg, i) for i in ids) // s.ep
+        if first:
+            dense += V * D  # embedding
+        if last:
+            dense += V * D + D  # head + final norm
+            dense += cfg.n_mtp_layers * (2 * D + 2 * D * D + D)  # MTP enorm, hnorm, eh_proj, norm
+            if s.pp > 1 and cfg.n_mtp_layers:
+                dense += V * D  # the last stage's replica of the tied embedding (MTP embeds the next tokens)
+        p = StagePlan(st, (bounds[st], bounds[st + 1]), dense, expert)
+        # --- model states
+        dshard = s.dp if zero >= 1 else 1
+        eshard = s.edp if zero >= 1 else 1
+        p.weights = b * (dense + expert)
+        p.grads = b * (dense / (s.dp if zero == 2 else 1) + expert / (s.edp if zero == 2 else 1))
+        opt_side = dense / dshard + expert / eshard
+        if zero >= 1:
+            p.master = 4 * opt_side
+            # ZeRO-1/2 step one parameter group at a time, each with an FP32 copy of its gradient
+            # partition: the larger of the dense and the expert partitions is alive at the peak
+            # (measured: tests/integration/test_plan_cli.py).
+            p.grads += 4 * max(dense / dshard, expert / eshard)
+        elif b != 4:  # BF16 without ZeRO: FP32 master weights and FP32 gradient accumulation
+            p.master = 4 * opt_side
+            p.grads += 4 * opt_side
+        p.moments = 2 * mb * opt_side
+        # --- activations: micro-batches in flight on this stage under 1F1B
+        in_flight = min(m, s.pp - st)
+        per_micro = sum(_block_bytes(cfg, i, s) for i in ids) * T
+        if last:
+            heads = 1 + cfg.n_mtp_layers
+            per_micro += heads * T * V * 4 + T * V * b  # FP32 log-softmax per head, one head's logits live
+            per_micro += heads * T * D * b  # head inputs
+        p.act_no_recompute = in_flight * per_micro
+        biggest = max((_block_bytes(cfg, i, s) for i in ids), default=0.0) * T
+        p.act_recompute = in_flight * len(ids) * T * D * b + biggest
+        if last:
+            p.act_recompute += T * V * (4 * (1 + cfg.n_mtp_layers) + b)
+        k = s.recompute_interval
+        if k > 0:
+            windows = math.ceil(len(ids) / k)
+            window = max(sum(_block_bytes(cfg, i, s) for i in ids[j:j + k]) for j in range(0, len(ids), k)) * T
+            p.activations = in_flight * windows * T * D * b + window
+            if last:
+                p.activations += T * V * (4 * (1 + cfg.n_mtp_layers) + b)
+        else:
+            p.activations = p.act_no_recompute
+        n_moe = sum(1 for i in ids if cfg.is_moe_layer(i))
+        if s.ep > 1 and n_moe:
+            p.all_to_all = 2 * T * k_eff * D * b  # send buffers of one layer's dispatch and combine
+        if s.pp > 1:
+            p.pipe_buffers = in_flight * T * 8 * 2 + 2 * T * D * b  # labels (+ positions), gradient send/recv
+        p.reserved = cluster.reserved_gib * GIB
+        # --- time per micro-batch
+        lin = bf = 0.0
+        for i in ids:
+            f8, rt = _linear_flops_per_token(cfg, i)
+            lin += f8
+            bf += rt + attention_flops_per_token(cfg, s.seq_len)
+        if last:
+            bf += 6 * V * D * (1 + cfg.n_mtp_layers) + 6 * cfg.n_mtp_layers * 2 * D * D
+        if k > 0:  # one more forward of every block
+            lin, bf = lin * 4 / 3, bf + sum(attention_flops_per_token(cfg, s.seq_len) for _ in ids) / 3
+        p.flops_per_micro = (lin + bf) * T
+        p.fp8_flops_per_micro = lin * T if s.fp8 else 0.0
+        if peak_bf16:
+            fp8_rate = peak_fp8 if s.fp8 else peak_bf16
+            p.t_compute = lin * T / fp8_rate + bf * T / peak_bf16
+        # EP: forward dispatch (FP8 when on) + combine, backward the two reverses; recompute repeats the forward
+        if s.ep > 1:
+            per_layer = T * k_eff * D * (dispatch_b + 3 * b + (dispatch_b + b if k > 0 else 0)) * (s.ep - 1) / s.ep
+            p.ep_bytes = n_moe * per_layer
+            inter = max(0, s.ep - gpn) / (s.ep - 1)
+            p.t_ep = _link_time(p.ep_bytes * (1 - inter), cluster.nvlink_gbps) + \
+                _link_time(p.ep_bytes * inter, cluster.ib_gbps)
+        if s.pp > 1:
+            p.pp_bytes = T * D * b * ((0 if last else 1) + (0 if first else 1))
+            p.t_pp = _link_time(p.pp_bytes, cluster.ib_gbps if s.dp >= gpn else cluster.nvlink_gbps)
+        stages.append(p)
+    # DP: ring all-reduce (or ZeRO's reduce-scatter + all-gather, the same volume) of each GPU's gradients
+    worst_dp = max(stages, key=lambda q: q.dense_params + q.expert_params)
+    dp_bytes = b * (2 * (s.dp - 1) / s.dp * worst_dp.dense_params
+                    + (2 * (s.edp - 1) / s.edp * worst_dp.expert_params if s.edp > 1 else 0))
+    t_dp = _link_time(dp_bytes, cluster.ib_gbps if s.dp > gpn else cluster.nvlink_gbps)
+    bubble = (s.pp - 1) / (m + s.pp - 1)
+    hide = 1 - cluster.comm_overlap
+    step = tps = mfu = None
+    if peak_bf16:
+        slot = max(q.t_compute + hide * (q.t_ep + q.t_pp) for q in stages)
+        step = (m + s.pp - 1) * slot + hide * t_dp
+        tps = s.global_batch * s.seq_len / step / s.world
+        mfu = flops_per_token(cfg, s.seq_len) * tps / (cluster.peak_bf16_tflops * 1e12)
+    return Plan(s, cluster, stages, bubble, step, tps, mfu, ep_bytes_step=m * max(q.ep_bytes for q in stages),
+                pp_bytes_step=m * max(q.pp_bytes for q in stages), dp_bytes_step=dp_bytes, t_dp=t_dp)
+
+
+def _link_time(nbytes: float, gbps: float) -> float:
+    if nbytes <= 0:
+        return 0.0
+    return nbytes / (gbps * 1e9) if gbps > 0 else 0.0
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return param_counts(cfg, include_mtp=True).total
