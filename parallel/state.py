@@ -108,6 +108,12 @@ def _plain_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer) if not hasattr(optimizer, "state") else optimizer
 
 
+def _partitioned(optimizer) -> bool:
+    """ZeRO-1/2 or DeepSpeed's BF16_Optimizer: fp32 master weights and moments live in flat
+    partitions; a parameter without `_hp_mapping` has its fragment on another rank."""
+    return hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition")
+
+
 def adam_step(optimizer) -> int:
     """The optimizer's step count (every parameter group steps together)."""
     base = getattr(optimizer, "optimizer", optimizer)
@@ -126,7 +132,7 @@ def fragments(module: nn.Module, optimizer, n_routed_experts: int, owner: bool, 
     """
     params, buffers = slots(module, n_routed_experts)
     out, shapes = [], {}
-    plain = None
+    plain, partitioned = None, _partitioned(optimizer)
     for s in params:
         p = s.tensor
         shapes[s.name] = s.shape
@@ -144,6 +150,8 @@ def fragments(module: nn.Module, optimizer, n_routed_experts: int, owner: bool, 
                 if kind in state:
                     out.append((kind, s.name, start, state[kind].narrow(0, hp.start, hp.numel)))
             continue
+        if partitioned:
+            continue  # another rank of its (expert-)data-parallel group holds this parameter's fragment
         is_expert = getattr(p, "allreduce", True) is False
         if not (expert_owner if is_expert else owner):
             continue
@@ -276,7 +284,7 @@ def restore(reader: Reader, module: nn.Module, optimizer, n_routed_experts: int,
     """Load this rank's parameters, buffers and (optionally) optimizer state from `reader`."""
     check_shapes(reader, module, n_routed_experts)
     params, buffers = slots(module, n_routed_experts)
-    plain = None
+    plain, partitioned = None, _partitioned(optimizer)
     for s in params:
         p = s.tensor
         p.copy_(reader.read("param", s.name, s.offset, p.numel()).view_as(p))
@@ -297,7 +305,7 @@ def restore(reader: Reader, module: nn.Module, optimizer, n_routed_experts: int,
             state["step"] = torch.tensor(float(step))
             for kind in KINDS[1:]:
                 state[kind].narrow(0, hp.start, hp.numel).copy_(reader.read(kind, s.name, start, lp.numel))
-        elif has_state:
+        elif has_state and not partitioned:
             plain = plain or _plain_optimizer(optimizer)
             plain.state[p] = {"step": torch.tensor(float(step)),
                               **{k: reader.read(k, s.name, s.offset, p.numel()).view_as(p).to(p.dtype).clone()

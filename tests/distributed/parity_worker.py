@@ -4,7 +4,9 @@
 
 Runs the real Trainer (DeepSpeed engine or pipeline engine) twice in one process group, once
 with model.n_mtp_layers=1 and once with 0, and writes from rank 0: per-step loss, MTP loss,
-balance loss and gradient norm, and every rank's expert biases keyed by layer id.
+balance loss and gradient norm, and every rank's expert biases keyed by layer id. With
+`checkpoint.dir=… checkpoint.interval=k` the MTP run also saves a checkpoint every k steps
+(tests/distributed/test_resume.py resumes from them in new processes).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from train.trainer import Trainer  # noqa: E402
 # learns (loss 6.2 → 3.5 in 20 steps).
 BASE = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
         "trainer.log_interval=1000", "trainer.eval_interval=0", "trainer.eval_batches=2", "trainer.threads=1",
-        "logging.wandb.mode=disabled", "logging.progress_bar=false",
+        "trainer.deterministic=true", "checkpoint.resume=never", "logging.wandb.mode=disabled", "logging.progress_bar=false",
         "optim.lr=0.5", "optim.eps=1.0", "schedule.warmup_steps=2", "data.num_workers=0"]
 
 
@@ -61,9 +63,12 @@ def run(out_path: str, data: str, steps: int, overrides: list[str]) -> None:
             train_loader, val_factory = build_loaders(cfg, Path(data), dp_rank=env.rank % dp, dp_size=dp)
             trainer.setup(train_loader, val_factory)
             steps_out = []
+            interval = cfg.checkpoint.interval if n_mtp else 0
             for _ in range(steps):
                 out = trainer.train_step()
                 steps_out.append({k: out[k] for k in ("loss", "mtp_loss", "balance_loss", "grad_norm")})
+                if interval and trainer.step % interval == 0:
+                    trainer.save_checkpoint()
             val = trainer.evaluate()["val_loss"]  # the pipeline path runs DeepSpeed's eval_batch
             trainer.close()
         per_rank = [None] * env.world_size

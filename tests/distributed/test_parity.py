@@ -10,59 +10,26 @@ dp = 1 pipelines the validation loss after training (DeepSpeed's eval_batch) wit
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "distributed" / "parity_worker.py"
-STEPS = 20
+from tests.distributed.runs import LAYOUTS, STEPS
 
 pytestmark = pytest.mark.slow
 
 
-def run_worker(tmp_path: Path, data: Path, nproc: int, overrides: list[str], name: str) -> dict:
-    out = tmp_path / f"{name}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + (os.getpid() + nproc * 7 + len(name)) % 1000), str(WORKER)]
-    r = subprocess.run(cmd + [str(out), str(data), str(STEPS), *overrides], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, dataset) -> dict:
-    return run_worker(tmp_path_factory.mktemp("ref"), dataset, 1, [], "ref")
+def reference(parity_run) -> dict:
+    return parity_run("single")[0]
 
 
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-LAYOUTS = {
-    "ep2": (2, ["parallel.ep=2"]),
-    "pp2": (2, ["parallel.pp=2"]),
-    "dp2": (2, []),
-    "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
-    "pp2_dp2": (4, ["parallel.pp=2"]),
-    "dp4_ep2": (4, ["parallel.ep=2"]),  # expert-data-parallel size 2: ZeRO-1 partitions the experts
-    "pp2_ckpt": (2, ["parallel.pp=2", "parallel.activation_checkpoint_interval=1"]),  # DeepSpeed recompute
-}
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, tmp_path, dataset, reference):
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "single"])
+def test_layout_matches_single_process(layout, parity_run, reference):
     nproc, overrides = LAYOUTS[layout]
-    got = run_worker(tmp_path, dataset, nproc, overrides, layout)
+    got = parity_run(layout)[0]
     for mtp in ("mtp1", "mtp0"):
         ref, par = reference[mtp], got[mtp]
         assert len(par["steps"]) == len(ref["steps"]) == STEPS

@@ -74,12 +74,16 @@ def test_vocab_mismatch_between_data_and_model_is_named(tmp_path, dataset):
     assert_user_error(r, "manifest.json", "model.vocab_size=200")
 
 
-def test_non_finite_loss_stops_with_step_and_exit_code(tmp_path, dataset):
+def test_non_finite_loss_stops_after_max_skipped_updates_without_saving(tmp_path, dataset):
     run_dir = tmp_path / "run"
     r = run_train([f"data.path={dataset}", *TINY, "trainer.max_steps=5", "model.init_std=1e38",
-                   f"hydra.run.dir={run_dir}"], tmp_path)
+                   "trainer.max_skipped=3", f"hydra.run.dir={run_dir}"], tmp_path)
     assert r.returncode == 3, (r.stdout, r.stderr)
-    assert "non-finite loss at step 1" in r.stderr and "Traceback" not in r.stderr
+    assert "3 consecutive updates skipped at step 3 (last: non-finite loss" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list((run_dir / "checkpoints").glob("step-*"))  # the bad state is not saved
+    skipped = [m for m in metrics(run_dir) if m.get("skipped")]
+    assert [m["step"] for m in skipped] == [1, 2, 3]
 
 
 def test_single_process_run_writes_run_directory(tmp_path, dataset):

@@ -1,0 +1,171 @@
+"""Checkpoint directory protocol, manifest verification, state index, spike detector, RNG (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from parallel import state as pstate
+from train import checkpoint as ckpt
+from train.faults import Faults, SpikeDetector, inject
+from train.trainer import rng_state, set_rng_state
+
+
+def make_checkpoint(root, step: int, payload: bytes = b"weights") -> "Path":
+    """A complete checkpoint directory written through the commit protocol."""
+    name = ckpt.step_dir_name(step)
+    tmp = root / f"{ckpt.TMP_PREFIX}{name}"
+    tmp.mkdir(parents=True)
+    (tmp / "state-00000.safetensors").write_bytes(payload * 100)
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "model": {"dim": 8}}))
+    (tmp / "index.json").write_text("{}")
+    records = dict(ckpt.file_record(tmp / n) for n in ("state-00000.safetensors", "trainer.json", "index.json"))
+    ckpt.write_manifest(tmp, records, step)
+    ckpt.commit(tmp, root / name)
+    ckpt.update_pointer(root, name)
+    return root / name
+
+
+def test_a_committed_checkpoint_verifies_and_the_pointer_names_it(tmp_path):
+    path = make_checkpoint(tmp_path, 10)
+    ckpt.verify(path)
+    assert (tmp_path / "latest").read_text().strip() == "step-00000010"
+    assert not list(tmp_path.glob(".tmp-*"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"state-00000.safetensors", "trainer.json", "index.json"}
+    assert manifest["files"]["trainer.json"]["size"] == (path / "trainer.json").stat().st_size
+
+
+def test_a_flipped_byte_is_detected_and_named(tmp_path):
+    path = make_checkpoint(tmp_path, 10)
+    f = path / "state-00000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="state-00000.safetensors: SHA-256 does not match"):
+        ckpt.verify(path)
+
+
+def test_truncated_and_missing_files_are_named(tmp_path):
+    path = make_checkpoint(tmp_path, 10)
+    good = (path / "state-00000.safetensors").read_bytes()
+    (path / "state-00000.safetensors").write_bytes(b"short")
+    with pytest.raises(ckpt.CheckpointError, match="size 5 bytes, the manifest says 700"):
+        ckpt.verify(path)
+    (path / "state-00000.safetensors").write_bytes(good)
+    ckpt.verify(path)
+    (path / "trainer.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="trainer.json: missing"):
+        ckpt.verify(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json: missing"):
+        ckpt.verify(path)
+
+
+def test_verification_is_shared_between_ranks(tmp_path):
+    path = make_checkpoint(tmp_path, 10)
+    (path / "trainer.json").write_text("{}")  # size differs; only one rank checks that file
+    results = [ckpt.verify_files(path, sorted(json.loads((path / "manifest.json").read_text())["files"])[r::2],
+                                 json.loads((path / "manifest.json").read_text())["files"]) for r in range(2)]
+    assert sum(r is not None for r in results) == 1
+    with pytest.raises(ckpt.CheckpointError, match="trainer.json"):
+        ckpt.verify(path, rank=0, world=2, gather=lambda problem: results)
+
+
+def test_select_skips_a_corrupt_newest_with_a_warning_and_ignores_temporaries(tmp_path):
+    make_checkpoint(tmp_path, 10)
+    newest = make_checkpoint(tmp_path, 20)
+    (tmp_path / ".tmp-step-00000030").mkdir()  # a save that crashed
+    (newest / "index.json").write_text("{ }")
+    warnings = []
+    chosen = ckpt.select(tmp_path, warn=warnings.append)
+    assert chosen.name == "step-00000010"
+    assert len(warnings) == 1 and "step-00000020" in warnings[0] and "index.json" in warnings[0]
+    assert ckpt.select(tmp_path / "nothing") is None
+
+
+def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (10, 20, 30, 40):
+        make_checkpoint(tmp_path, step)
+    deleted = ckpt.retain(tmp_path, keep=2)
+    assert [p.name for p in deleted] == ["step-00000010", "step-00000020"]
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]
+    ckpt.retain(tmp_path, keep=0)  # never deletes the newest
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000040"]
+
+
+def test_first_difference_names_the_field():
+    assert ckpt.first_difference({"dim": 8, "n_layers": 4}, {"dim": 8, "n_layers": 4}) is None
+    assert ckpt.first_difference({"dim": 8, "n_heads": 2}, {"dim": 16, "n_heads": 2}) == \
+        "dim is 8 in the checkpoint but 16 now"
+    assert ckpt.first_difference({"a": {"b": [1, 2]}}, {"a": {"b": (1, 2)}}) is None
+
+
+def test_precheck_refuses_missing_paths_and_other_models(tmp_path):
+    path = make_checkpoint(tmp_path, 10)
+    ckpt.precheck("auto", {"dim": 1})
+    ckpt.precheck(str(path), {"dim": 8})
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):
+        ckpt.precheck(str(tmp_path / "missing"), {"dim": 8})
+    with pytest.raises(ckpt.CheckpointError, match="model.dim is 8 in the checkpoint but 16 now"):
+        ckpt.precheck(str(path), {"dim": 16})
+
+
+def write_state(tmp_path, frags_per_rank, shapes):
+    files = {}
+    for r, frags in enumerate(frags_per_rank):
+        name = f"state-{r:05d}.safetensors"
+        files[name] = pstate.write_rank_file(tmp_path / name, frags)
+    pstate.write_index(tmp_path / pstate.INDEX, shapes, files)
+    return pstate.Reader(tmp_path)
+
+
+def test_reader_reassembles_ranges_written_by_other_ranks(tmp_path):
+    full = torch.arange(24, dtype=torch.float32)
+    reader = write_state(tmp_path, [[("param", "w", 0, full[:10])], [("param", "w", 10, full[10:])]],
+                         {"w": (4, 6)})
+    assert torch.equal(reader.read("param", "w"), full)
+    assert torch.equal(reader.read("param", "w", 7, 6), full[7:13])  # spans both files
+    with pytest.raises(pstate.StateError, match="outside w"):
+        reader.read("param", "w", 20, 10)
+
+
+def test_reader_refuses_an_index_with_a_gap(tmp_path):
+    full = torch.arange(24, dtype=torch.float32)
+    with pytest.raises(pstate.StateError, match="param of w has a gap or overlap at element 10"):
+        write_state(tmp_path, [[("param", "w", 0, full[:10])], [("param", "w", 12, full[12:])]], {"w": (24,)})
+
+
+def test_spike_detector_flags_only_after_warmup_and_round_trips():
+    det = SpikeDetector(window=10, k=3.0, min_rise=0.05, warmup=5)
+    for x in (3.0, 3.1, 2.9, 3.0):
+        assert not det.is_spike(100.0)  # still warming up
+        det.accept(x)
+    det.accept(3.05)
+    assert det.is_spike(4.0) and not det.is_spike(3.1)
+    copy = SpikeDetector(window=10, k=3.0, min_rise=0.05, warmup=5)
+    copy.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert copy.threshold() == det.threshold()
+
+
+def test_fault_specs_parse_steps_ranks_and_phases():
+    f = Faults("nan_loss@5:1,spike@7,kill@save:shards:1#2,kill@save:renamed", rank=1)
+    assert f.loss_fault(5) == "nan_loss" and f.loss_fault(7) == "spike" and f.loss_fault(6) is None
+    assert Faults("nan_loss@5:1", rank=0).loss_fault(5) is None
+    assert ("kill", "save:shards", 1, 2) in f.items and ("kill", "save:renamed", None, 1) in f.items
+    x = torch.tensor(2.0, requires_grad=True)
+    y = inject(x * 1.0, "nan_grad")
+    y.backward()
+    assert torch.isfinite(y) and torch.isnan(x.grad)
+
+
+def test_rng_states_round_trip_through_json():
+    state = json.loads(json.dumps(rng_state()))
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
