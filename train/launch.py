@@ -1,0 +1,61 @@
+"""`torchrun … -m train.launch [overrides]`: `python -m train`, leaving its exit code for the launcher.
+
+torchrun's agent exits 1 whatever code its workers ended with, so the trainer's documented
+"preempted, saved, please requeue" code (75) would never reach SLURM. launch/torchrun.sh
+starts the workers through this module: each writes its exit code to $MOEFORGE_EXIT_DIR/<rank>
+before leaving, and the script exits 75 when a worker did (launch/slurm.sbatch requeues).
+
+A worker that loses contact with another rank (a node died, the network failed, a
+collective timed out after MOEFORGE_DIST_TIMEOUT_S) ends with one line naming the failure
+and exit code 4 instead of a traceback per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+EXIT_PREEMPTED = 75  # train/__main__.py: saved a checkpoint on SIGTERM/SIGUSR1; resume=auto continues
+EXIT_PEER_LOST = 4  # a collective failed: another rank or node is gone
+
+# What gloo and NCCL say when the other end of a collective is gone or silent.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Timed out",
+             "timed out", "Broken pipe", "NCCL communicator was aborted", "remote process exited",
+             "ProcessGroupNCCL", "Socket Timeout")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
+
+
+def main() -> int:
+    from train.__main__ import main as train_main
+
+    code = 1
+    try:
+        code = train_main()
+    except Exception as exc:  # noqa: BLE001 — only a lost peer is turned into a line; the rest re-raises
+        if not peer_lost(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: rank {os.environ.get('RANK', '?')} lost contact with another rank ({first}); "
+              "a node or process died or the network failed — restart the job: checkpoint.resume=auto "
+              "continues from the newest complete checkpoint", file=sys.stderr)
+        code = EXIT_PEER_LOST
+    finally:
+        exit_dir = os.environ.get("MOEFORGE_EXIT_DIR")
+        if exit_dir and Path(exit_dir).is_dir():
+            Path(exit_dir, os.environ.get("RANK", "0")).write_text(f"{code}\n")
+    return code
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # as train/__main__.py: no interpreter teardown once everything is closed
