@@ -163,6 +163,8 @@ def install_step_guard(engine, decide) -> None:
     def guarded_step(*args, **kwargs):
         if decide():
             opt.zero_grad(set_to_none=True)
+            if hasattr(opt, "clear_hp_grads"):  # BF16_Optimizer's fp32 gradient accumulators
+                opt.clear_hp_grads()
             opt.overflow = True
             return None
         opt.overflow = False

@@ -37,6 +37,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 POINTER = "latest"
+PREEMPTED = "PREEMPTED"  # marker left by a preempted run (launch scripts requeue on it)
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1

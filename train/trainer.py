@@ -285,11 +285,14 @@ class Trainer:
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "mtp_lambda": mtp_lambda, "bias_gamma": gamma, "tokens": tokens, "load": load,
                "skipped": reason, "preempt": self._guard["preempt"]}
-        if skipped and self.consecutive_skips >= t.max_skipped:
-            raise TrainError(f"{self.consecutive_skips} consecutive updates skipped at step {self.step} "
-                             f"(last: {reason}; last applied loss {self.last_finite_loss:.4f}); "
-                             f"trainer.max_skipped={t.max_skipped}")
         return out
+
+    def _check_skips(self, reason: str | None) -> None:
+        t = self.cfg.trainer
+        if reason and self.consecutive_skips >= t.max_skipped:
+            last = "none" if math.isnan(self.last_finite_loss) else f"{self.last_finite_loss:.4f}"
+            raise TrainError(f"{self.consecutive_skips} consecutive updates skipped at step {self.step} "
+                             f"(last: {reason}; last applied loss {last}); trainer.max_skipped={t.max_skipped}")
 
     def _local_loss_sums(self) -> list[float]:
         if self.pipelined:
@@ -395,6 +398,7 @@ class Trainer:
                 self.logger.log(self.step, self._metrics(out, throughput, time.perf_counter() - start),
                                 histograms=self._histograms(out["load"]))
             summary["train_loss"] = out["loss"]
+            self._check_skips(out["skipped"])
             if out["skipped"] == "loss spike" and t.spike.action == "rollback":
                 self.rollback()
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
@@ -404,6 +408,8 @@ class Trainer:
                     summary.update(ev)
             if out["preempt"]:
                 self.save_checkpoint()
+                if self.rank == 0:  # for launchers: torchrun does not pass the workers' exit code through
+                    ckpt.write_durable(self.ckpt_root / ckpt.PREEMPTED, json.dumps({"step": self.step}).encode())
                 raise Preempted(f"preempted by a signal: saved step {self.step} in {self.ckpt_root}")
             if c.interval and self.step % c.interval == 0:
                 self.save_checkpoint()
@@ -499,6 +505,8 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
+        if self.rank == 0:
+            (self.ckpt_root / ckpt.PREEMPTED).unlink(missing_ok=True)  # this start answers it
         path = self._find_checkpoint()
         if path is None:
             return
@@ -558,6 +566,7 @@ class Trainer:
         rec = {"kind": "train", "loss": out["loss"], "mtp_loss": out["mtp_loss"], "balance_loss": out["balance_loss"],
                "lr": out["lr"], "grad_norm": out["grad_norm"], "mtp_lambda": out["mtp_lambda"],
                "bias_gamma": out["bias_gamma"], "tokens_seen": self.tokens_seen, "tokens_per_s": tok_s,
+               "skipped": out["skipped"], "skipped_updates": self.skipped_total, "rollbacks": self.rollbacks,
                "tflops_per_device": M.model_tflops(self.flops_per_token, per_device) if per_device else None,
                "mfu": M.mfu(self.flops_per_token, per_device, peak) if per_device else None,
                "time": elapsed}
