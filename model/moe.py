@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fp8.gemm import Fp8Spec, fp8_linear
+from .fp8.gemm import Fp8Spec
+from .fp8.grouped import grouped_fp8_swiglu
 from .linear import current_precision
 from .mlp import MLP
 
@@ -152,14 +153,20 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        # FP8 (emulated / torch backends) as the Linear factory would build: linear name "experts".
+        # FP8 as the Linear factory would build it (linear name "experts"): emulated / torch run
+        # the grouped FP8 GEMMs of model/fp8/grouped.py, te runs te.GroupedLinear (model/fp8/te.py).
         p = current_precision()
-        self.fp8 = (Fp8Spec(p.backend, p.recipe, p.block, p.pow2)
-                    if p.backend in ("emulated", "torch") and not p.excludes("experts") else None)
+        on = p.backend in ("emulated", "torch", "te") and not p.excludes("experts")
+        self.fp8 = Fp8Spec(p.backend, p.recipe, p.block, p.pow2) if on and p.backend != "te" else None
+        self.te = None
+        if on and p.backend == "te":
+            from .fp8 import te
+
+            self.te = te.GroupedExperts(n_experts, dim, inter_dim, p.recipe)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per expert → (M, D)."""
-        if self.fp8 is not None:
+        if self.fp8 is not None or self.te is not None:
             return self._fp8_forward(x, counts)
         if grouped_mm_supported(x.device.type, x.dtype) and x.size(0) > 0:
             offs = counts.cumsum(0).to(torch.int32)
@@ -168,17 +175,12 @@ class Experts(nn.Module):
             return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
         return _SegmentedSwiGLU.apply(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist())
 
-
     def _fp8_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Per-expert FP8 GEMMs (each with the recipe's quantisation of its three GEMMs)."""
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                xs = x[start:start + n]
-                h = F.silu(fp8_linear(xs, self.w1[e], self.fp8)) * fp8_linear(xs, self.w3[e], self.fp8)
-                outs.append(fp8_linear(h, self.w2[e], self.fp8))
-                start += n
-        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.size(1))
+        """FP8 experts: one grouped FP8 GEMM per projection over all experts (model/fp8/grouped.py),
+        equal to running the single FP8 linear expert by expert."""
+        if self.te is not None:
+            return self.te(x, counts.tolist(), self.w1, self.w2, self.w3)
+        return grouped_fp8_swiglu(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist(), self.fp8)
 
 
 class LocalDispatcher:

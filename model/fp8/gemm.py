@@ -1,7 +1,10 @@
-"""The FP8 linear layer: y = x Wᵀ with all three GEMMs on E4M3 operands.
+"""FP8 GEMMs with all three products on E4M3 operands: the linear layer and the experts' grouped linear.
 
-Each GEMM quantises both operands along its own reduction dimension (an operand is viewed as
-(outer, reduce)), with the granularity its recipe gives that operand:
+    y[seg e] = x[seg e] · w[e]ᵀ    x (M, K) rows in E consecutive segments of `sizes` rows,
+                                   w (E, N, K), y (M, N); a plain linear is E = 1, one segment
+
+Each GEMM quantises both operands along its own reduction dimension with the granularity its
+recipe gives that operand:
 
 | recipe     | forward x · W      | data grad dy · W    | weight grad dyᵀ · x |
 |------------|--------------------|---------------------|---------------------|
@@ -10,12 +13,26 @@ Each GEMM quantises both operands along its own reduction dimension (an operand 
 | tensorwise | tensor · tensor    | tensor · tensor     | tensor · tensor     |
 
 Blockwise is DeepSeek-V3's recipe (§3.3): activations and activation gradients per 1×128 tile
-(never 128×128 for gradients — DeepSeek reports that diverged), weights per 128×128 block;
-for the weight gradient both dy and x are re-tiled along the token dimension, as TE's
-Float8BlockScaling does. The `emulated` backend dequantises and multiplies in the compute
-dtype (the reference any device can run); `torch` multiplies the E4M3 operands with
-torch._scaled_mm (tensorwise or rowwise scales, the granularities it accepts). torchao's
-float8 training follows the same three-GEMM structure; this is our own small version.
+(never 128×128 for gradients — DeepSeek reports that diverged), weights per 128×128 block
+(the scale layout of DeepSeek-V3's inference/kernel.py act_quant and weight_dequant); for the
+weight gradient both dy and x are tiled along the tokens, as TE's Float8BlockScaling does.
+
+Segments (the routed experts, Transformer Engine's GroupedLinear interface with per-expert
+row counts): every scale group stays inside one expert — weights per expert, activation tiles
+and rows never cross a row anyway, token tiles of the weight gradient restart at each
+segment's first row (a segment's last tile may be short), tensorwise scales are per segment.
+So the grouped call equals the single linear run expert by expert, bit for bit (tests/unit/
+test_fp8.py), while quantising every operand in one batched call; only the GEMMs loop over
+the non-empty segments.
+
+Backends: `emulated` dequantises and multiplies in the compute dtype (the reference any
+device runs); `torch` multiplies the E4M3 operands with torch._scaled_mm (tensorwise or rowwise
+scales, the granularities it accepts). torchao's float8 training has the same three-GEMM
+structure; this is our own small version. The 128×128 weight blocks quantised in the forward
+are reused, transposed, by the data-gradient GEMM (a block's amax does not depend on the
+orientation, so this equals quantising wᵀ again); rowwise requantises wᵀ along N.
+
+Shapes: M rows, K reduction dim, N output dim, E experts/segments, G scale groups.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quant import dequantize, quantize
+from .quant import _fit, _to_grid, dequantize, e4m3_to_float, quantize, scales_of
 
 RECIPES = {
     "blockwise": (("tile", "block"), ("tile", "block"), ("tile", "tile")),
@@ -42,41 +59,194 @@ class Fp8Spec:
     pow2: bool = False
 
 
-def fp8_mm(a: torch.Tensor, b: torch.Tensor, ga: str, gb: str, spec: Fp8Spec, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) @ b (N, K)ᵀ with both operands E4M3-quantised along K."""
-    qa, sa = quantize(a, ga, spec.block, spec.pow2)
-    qb, sb = quantize(b, gb, spec.block, spec.pow2)
+def _real(spec: Fp8Spec) -> bool:
+    """E4M3 tensors for the kernels; the emulated backend keeps the same values in float32
+    (quant.round_to_e4m3), which it only multiplies back."""
+    return spec.backend != "emulated"
+
+
+class Quantised:
+    """A quantised operand q (E4M3, or its values in float32 for `emulated`) with its float32
+    scales: broadcastable to q, or (tiles, blocks) in the grouped layout quantize() returns."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, granularity: str, block: int = 128):
+        self.q, self.scale, self.granularity, self.block = q, scale, granularity, block
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.granularity == "tile" and self.scale.dim() == 3:
+            return dequantize(self.q, self.scale, "tile", self.block, dtype)
+        if self.granularity == "block":
+            return _dequant_blocks(self.q, self.scale, self.block, dtype)
+        return (e4m3_to_float(self.q) * self.scale).to(dtype)
+
+    def t(self) -> "Quantised":
+        """The transposed weight operand (E, C, R), for granularities that do not depend on the
+        orientation (blocks, tensors)."""
+        assert self.granularity in ("block", "tensor")
+        scale = self.scale.permute(0, 3, 4, 1, 2) if self.granularity == "block" else self.scale
+        return Quantised(self.q.transpose(1, 2), scale, self.granularity, self.block)
+
+
+def _dequant_blocks(q: torch.Tensor, s: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """q (E, R, C) with block scales (E, R/b, 1, C/b, 1) → (E, R, C) in dtype."""
+    E, R, C = q.shape
+    xp, br = _fit(e4m3_to_float(q), 1, b)
+    xp, bc = _fit(xp, 2, b)
+    Rp, Cp = xp.shape[1:]
+    return (xp.view(E, Rp // br, br, Cp // bc, bc) * s).view(E, Rp, Cp)[:, :R, :C].to(dtype)
+
+
+def _lengths(lengths: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(lengths, dtype=torch.long, device=like.device)
+
+
+def _segment_amax(a: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """|a| (M, C) → (G, C): column-wise max over each of the consecutive row groups (none empty)."""
+    return torch.segment_reduce(a.abs(), "max", lengths=_lengths(lengths, a), axis=0, unsafe=True)
+
+
+def quant_along_columns(a: torch.Tensor, granularity: str, sizes: list[int], spec: Fp8Spec) -> Quantised:
+    """a (M, K), rows in segments, quantised along K (the forward and data-gradient activations)."""
+    if granularity in ("tile", "row"):  # no group crosses a row: one call for every segment
+        q, s = quantize(a, granularity, spec.block, spec.pow2, as_e4m3=_real(spec))  # tile (M, K/b, 1), row (M, 1)
+        return Quantised(q, s, granularity, spec.block)
+    if granularity == "tensor":  # one scale per segment
+        lengths = [n for n in sizes if n]
+        amax = _segment_amax(a.float(), lengths).amax(dim=1, keepdim=True)  # (G, 1)
+        s = torch.repeat_interleave(scales_of(amax, spec.pow2), _lengths(lengths, a), dim=0)  # (M, 1)
+        return Quantised(_to_grid(a.float() / s, _real(spec)), s, granularity)
+    raise ValueError(f"fp8: activation granularity {granularity!r} is not tile, row or tensor")
+
+
+def quant_weights(w: torch.Tensor, granularity: str, spec: Fp8Spec) -> Quantised:
+    """w (E, R, C) quantised along C per expert: 128×128 blocks, rows, or one tensor per expert."""
+    E, R, C = w.shape
+    x = w.float()
+    if granularity == "block":
+        xp, br = _fit(x, 1, spec.block)
+        xp, bc = _fit(xp, 2, spec.block)
+        Rp, Cp = xp.shape[1:]
+        blocks = xp.view(E, Rp // br, br, Cp // bc, bc)  # (E, R/b, b, C/b, b)
+        s = scales_of(blocks.abs().amax(dim=(2, 4), keepdim=True), spec.pow2)  # (E, R/b, 1, C/b, 1)
+        q = _to_grid(blocks / s, _real(spec)).view(E, Rp, Cp)[:, :R, :C]
+        return Quantised(q, s, granularity, spec.block)
+    if granularity == "row":
+        s = scales_of(x.abs().amax(dim=2, keepdim=True), spec.pow2)  # (E, R, 1)
+    elif granularity == "tensor":
+        s = scales_of(x.abs().amax(dim=(1, 2), keepdim=True), spec.pow2)  # (E, 1, 1)
+    else:
+        raise ValueError(f"fp8: weight granularity {granularity!r} is not block, row or tensor")
+    return Quantised(_to_grid(x / s, _real(spec)), s, granularity)
+
+
+def quant_along_rows(a: torch.Tensor, granularity: str, sizes: list[int], spec: Fp8Spec) -> Quantised:
+    """a (M, C) quantised along M inside each segment (the weight-gradient operands, whose
+    reduction dimension is the segment's tokens): tiles of `block` tokens restarting at each
+    segment start, one scale per segment and column (a row of aᵀ), or one per segment."""
+    if granularity == "tile":
+        lengths = [min(spec.block, n - t) for n in sizes for t in range(0, n, spec.block)]
+    elif granularity in ("row", "tensor"):
+        lengths = [n for n in sizes if n]
+    else:
+        raise ValueError(f"fp8: weight-gradient granularity {granularity!r} is not tile, row or tensor")
+    x = a.float()
+    amax = _segment_amax(x, lengths)  # (G, C)
+    if granularity == "tensor":
+        amax = amax.amax(dim=1, keepdim=True)  # (G, 1)
+    s = torch.repeat_interleave(scales_of(amax, spec.pow2), _lengths(lengths, a), dim=0)  # (M, C | 1)
+    return Quantised(_to_grid(x / s, _real(spec)), s, granularity)
+
+
+def _starts(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(segment, start, rows) of the non-empty segments."""
+    out, total = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            out.append((e, total, n))
+        total += n
+    return out
+
+
+def _segment_mm(qa: Quantised, qw: Quantised, sizes: list[int], spec: Fp8Spec, dtype: torch.dtype,
+                shape: tuple[int, int]) -> torch.Tensor:
+    """out[seg e] = a[seg e] · w[e]ᵀ with a (M, K) and w (E, N, K) quantised along K."""
+    out = torch.empty(shape, dtype=dtype, device=qa.q.device)
     if spec.backend == "emulated":
-        da = dequantize(qa, sa, ga, spec.block, out_dtype)
-        db = dequantize(qb, sb, gb, spec.block, out_dtype)
-        return da @ db.t()
-    # torch._scaled_mm: a row-major, b column-major; scales a scalar each or (M, 1) and (1, N).
-    scale_b = sb.t() if gb == "row" else sb
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=scale_b, out_dtype=out_dtype)
+        a, wd = qa.dequant(dtype), qw.dequant(dtype)
+        for e, s, n in _starts(sizes):
+            torch.mm(a[s:s + n], wd[e].t(), out=out[s:s + n])
+        return out
+    rowwise = qa.granularity == "row"
+    for e, s, n in _starts(sizes):  # torch._scaled_mm: a row-major, b column-major; (n, 1) and (1, N) or scalars
+        sa = qa.scale[s:s + n] if rowwise else qa.scale[s].reshape(())
+        sb = qw.scale[e].t() if rowwise else qw.scale[e].reshape(())
+        b = qw.q[e].contiguous().t()  # (K, N) column-major
+        out[s:s + n] = torch._scaled_mm(qa.q[s:s + n], b, scale_a=sa, scale_b=sb, out_dtype=dtype)
+    return out
 
 
-class _Fp8LinearFn(torch.autograd.Function):
+def _segment_wgrad(qdy: Quantised, qx: Quantised, sizes: list[int], spec: Fp8Spec, w: torch.Tensor) -> torch.Tensor:
+    """dw[e] (N, K) = dy[seg e]ᵀ · x[seg e]; both operands quantised along the segment's tokens."""
+    dw = torch.zeros_like(w)
+    if spec.backend == "emulated":
+        dyd, xd = qdy.dequant(w.dtype), qx.dequant(w.dtype)
+        for e, s, n in _starts(sizes):
+            torch.mm(dyd[s:s + n].t(), xd[s:s + n], out=dw[e])
+        return dw
+    rowwise = qdy.granularity == "row"
+    for e, s, n in _starts(sizes):  # aᵀ (N, n) row-major with (N, 1); b (n, K) column-major with (1, K)
+        sa = qdy.scale[s].reshape(-1, 1) if rowwise else qdy.scale[s].reshape(())
+        sb = qx.scale[s].reshape(1, -1) if rowwise else qx.scale[s].reshape(())
+        a = qdy.q[s:s + n].t().contiguous()
+        b = qx.q[s:s + n].t().contiguous().t()
+        dw[e] = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=w.dtype)
+    return dw
+
+
+class _Fp8GroupedLinearFn(torch.autograd.Function):
+    """x (M, K), w (E, N, K), sizes → (M, N); all three GEMMs on E4M3 operands, per segment."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, spec: Fp8Spec):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec):
         ctx.save_for_backward(x, w)
-        ctx.spec = spec
-        (gx, gw), _, _ = RECIPES[spec.recipe]
-        return fp8_mm(x, w, gx, gw, spec, x.dtype)
+        ctx.sizes, ctx.spec = sizes, spec
+        if x.size(0) == 0:  # an expert-parallel rank that received no rows
+            ctx.qw = None
+            return x.new_zeros(0, w.size(1))
+        (gx, gw), (_, g_w), _ = RECIPES[spec.recipe]
+        qw = quant_weights(w, gw, spec)
+        # The data gradient reuses the weight's blocks / tensor scales, transposed (see above).
+        ctx.qw = qw if g_w == gw and gw in ("block", "tensor") else None
+        return _segment_mm(quant_along_columns(x, gx, sizes, spec), qw, sizes, spec, x.dtype, (x.size(0), w.size(1)))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
-        spec = ctx.spec
+        sizes, spec = ctx.sizes, ctx.spec
+        if x.size(0) == 0:
+            return torch.zeros_like(x), torch.zeros_like(w), None, None
         _, (g_dy, g_w), (g_dyt, g_xt) = RECIPES[spec.recipe]
         dy = dy.contiguous()
-        dx = fp8_mm(dy, w.t().contiguous(), g_dy, g_w, spec, x.dtype) if ctx.needs_input_grad[0] else None
-        dw = fp8_mm(dy.t().contiguous(), x.t().contiguous(), g_dyt, g_xt, spec, w.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dx[seg e] = dy[seg e] · w[e]: w[e]ᵀ (K, N) quantised along N
+            qwt = ctx.qw.t() if ctx.qw is not None else quant_weights(w.transpose(1, 2), g_w, spec)
+            dx = _segment_mm(quant_along_columns(dy, g_dy, sizes, spec), qwt, sizes, spec, x.dtype, tuple(x.shape))
+        if ctx.needs_input_grad[1]:  # dw[e] = dy[seg e]ᵀ · x[seg e], reduced over the segment's tokens
+            dw = _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
+                                sizes, spec, w)
+        ctx.qw = None
+        return dx, dw, None, None
+
+
+def grouped_fp8_linear(x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec) -> torch.Tensor:
+    """x (M, K) in segments of `sizes` rows, w (E, N, K) → (M, N): segment e times w[e]ᵀ."""
+    return _Fp8GroupedLinearFn.apply(x, w, sizes, spec)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:
-    """x (..., K), w (N, K) → (..., N)."""
-    y = _Fp8LinearFn.apply(x.reshape(-1, x.size(-1)), w, spec)
+    """x (..., K), w (N, K) → (..., N): one segment of the grouped linear."""
+    x2 = x.reshape(-1, x.size(-1))
+    y = _Fp8GroupedLinearFn.apply(x2, w.unsqueeze(0), [x2.size(0)], spec)
     return y.view(*x.shape[:-1], w.size(0))
 
 

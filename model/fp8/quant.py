@@ -35,6 +35,14 @@ def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _fit(t: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, int]:
+    """t padded along `dim` to whole groups of b = min(block, size) elements, and b: a dimension
+    shorter than the block is one group as it is (no padding copy); zeros never raise an amax."""
+    size = t.size(dim)
+    b = min(block, size) or block
+    return _pad_to(t, dim, b), b
+
+
 def scales_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     scale = amax.float().clamp(min=AMAX_FLOOR) / E4M3_MAX
     if pow2:
@@ -42,45 +50,86 @@ def scales_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     return scale
 
 
-def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = False):
-    """2-D t (outer, reduce) → (E4M3 tensor of t's shape, float32 scales broadcastable after expand_scales)."""
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """float32 v (|v| at most ~448, as scaled operands are) rounded to the nearest E4M3 value,
+    ties to even, kept in float32: bit for bit `v.to(E4M3).float()` (tests/unit/test_fp8.py),
+    without CPU torch's element-by-element FP8 conversions (~3× slower than these four ops).
+
+    E4M3's step in v's binade [2^e, 2^(e+1)) is 2^(e-3), and 2^-9 below its smallest normal
+    2^-6. Adding c = 1.5·2^(max(e, -6)+20) puts that step at the last bit of the float32 sum,
+    so the FPU's round-to-nearest-even rounds v exactly as the cast does; subtracting c is exact.
+    """
+    c = (v.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^e: v's exponent bits only
+    c = c.clamp_(min=2.0 ** -6).mul_(1.5 * 2 ** 20)
+    return (v + c).sub_(c)
+
+
+def _to_grid(v: torch.Tensor, as_e4m3: bool) -> torch.Tensor:
+    return v.to(E4M3) if as_e4m3 else round_to_e4m3(v)
+
+
+def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = False, as_e4m3: bool = True):
+    """2-D t (outer, reduce) → (q of t's shape, float32 scales in the granularity's grouped layout).
+
+    q is an E4M3 tensor, or with as_e4m3=False the same values in float32 (the emulated backend,
+    which only multiplies them back)."""
     if t.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D (outer, reduce) operand, got shape {tuple(t.shape)}")
     R, C = t.shape
     x = t.float()
     if granularity == "tensor":
         scale = scales_of(x.abs().amax(), pow2)
-        return (x / scale).to(E4M3), scale
+        return _to_grid(x / scale, as_e4m3), scale
     if granularity == "row":
         scale = scales_of(x.abs().amax(dim=1, keepdim=True), pow2)  # (R, 1)
-        return (x / scale).to(E4M3), scale
+        return _to_grid(x / scale, as_e4m3), scale
     if granularity == "tile":
-        xp = _pad_to(x, 1, block).view(R, -1, block)  # (R, C/b, b)
+        xp, b = _fit(x, 1, block)
+        xp = xp.view(R, -1, b)  # (R, C/b, b)
         scale = scales_of(xp.abs().amax(dim=2, keepdim=True), pow2)  # (R, C/b, 1)
-        q = (xp / scale).to(E4M3).view(R, -1)[:, :C]
+        q = _to_grid(xp / scale, as_e4m3).view(R, -1)[:, :C]
         return q, scale
     if granularity == "block":
-        xp = _pad_to(_pad_to(x, 0, block), 1, block)
+        xp, br = _fit(x, 0, block)
+        xp, bc = _fit(xp, 1, block)
         Rp, Cp = xp.shape
-        blocks = xp.view(Rp // block, block, Cp // block, block)
+        blocks = xp.view(Rp // br, br, Cp // bc, bc)
         scale = scales_of(blocks.abs().amax(dim=(1, 3), keepdim=True), pow2)  # (R/b, 1, C/b, 1)
-        q = (blocks / scale).to(E4M3).view(Rp, Cp)[:R, :C]
+        q = _to_grid(blocks / scale, as_e4m3).view(Rp, Cp)[:R, :C]
         return q, scale
     raise ValueError(f"quantize: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+
+
+_E4M3_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
+def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
+    """q.float(), exactly, through a 256-entry table: CPU torch converts E4M3 element by element
+    (~3× slower than this gather on the 2-core CI box); elsewhere the plain cast. Non-E4M3
+    input (round_to_e4m3's float32 values) is returned as float32."""
+    if q.dtype != E4M3:
+        return q.float()
+    if q.device.type != "cpu":
+        return q.float()
+    table = _E4M3_VALUES.get(q.device)
+    if table is None:
+        table = _E4M3_VALUES[q.device] = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    return table.index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: str, block: int = 128,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     R, C = q.shape
-    x = q.float()
+    x = e4m3_to_float(q) if q.dtype == E4M3 else q.float()
     if granularity in ("tensor", "row"):
         return (x * scale).to(dtype)
     if granularity == "tile":
-        xp = _pad_to(x, 1, block).view(R, -1, block)
-        return (xp * scale).view(R, -1)[:, :C].to(dtype)
-    xp = _pad_to(_pad_to(x, 0, block), 1, block)
+        xp, b = _fit(x, 1, block)
+        return (xp.view(R, -1, b) * scale).view(R, -1)[:, :C].to(dtype)
+    xp, br = _fit(x, 0, block)
+    xp, bc = _fit(xp, 1, block)
     Rp, Cp = xp.shape
-    return (xp.view(Rp // block, block, Cp // block, block) * scale).view(Rp, Cp)[:R, :C].to(dtype)
+    return (xp.view(Rp // br, br, Cp // bc, bc) * scale).view(Rp, Cp)[:R, :C].to(dtype)
 
 
 def fake_quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = False) -> torch.Tensor:

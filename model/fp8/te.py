@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from ..config import ConfigError
 
@@ -58,3 +59,75 @@ def autocast(recipe: str, group=None):
     if recipe is None:
         return contextlib.nullcontext()
     return te.fp8_autocast(enabled=True, fp8_recipe=make_recipe(recipe), fp8_group=group)
+
+
+# Rows per expert must be a multiple of this for TE's FP8 GEMMs (TE's own quantisation
+# alignment: 32 for MXFP8's 1×32 scales, 16 otherwise); GroupedExperts pads each segment.
+ROW_ALIGN = {"mxfp8": 32}
+DEFAULT_ROW_ALIGN = 16
+
+
+class GroupedExperts:
+    """Routed experts under fp8.backend=te: one `te.GroupedLinear` per projection (w1, w3, w2).
+
+    TE's GroupedLinear(num_gemms, in_features, out_features) runs E GEMMs in one call, splitting
+    its input rows by `m_splits` (tokens per expert) — the same contiguous per-expert segments
+    the dispatchers produce. The weights stay the Experts module's stacked parameters (w1, w3:
+    (E, F, D); w2: (E, D, F)) so init, expert-parallel sharding, checkpoints and DeepSpeed see
+    the same tensors under every backend: the GroupedLinear modules are built on the meta
+    device, their own `weight{i}` parameters dropped, and before each call `weight{i}` is bound
+    to the view w[i] (GroupedLinear reads `weight{i}` at every forward), so TE's autograd hands
+    each expert's weight gradient back through the view into the stacked parameter.
+
+    A plain object, not a submodule: the TE modules own no parameters, and their FP8 metadata
+    (amax histories, scales) is runtime state that TE re-creates, not model state to checkpoint.
+    Each expert's rows are zero-padded to the FP8 GEMM's row multiple and the padding dropped
+    after; zero rows add nothing to the weight gradients. Untested here (needs CUDA and TE):
+    tests/unit/test_fp8.py's GPU tests compare it with the emulated grouped experts.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, recipe: str):
+        te = import_te()
+        self.n_experts = n_experts
+        self.align = ROW_ALIGN.get(recipe, DEFAULT_ROW_ALIGN)
+        shapes = {"w1": (dim, inter_dim), "w3": (dim, inter_dim), "w2": (inter_dim, dim)}  # (in, out)
+        self.linears = {}
+        for name, (k, n) in shapes.items():
+            gl = te.GroupedLinear(n_experts, k, n, bias=False, device="meta")
+            for i in range(n_experts):
+                gl._parameters.pop(f"weight{i}", None)  # the stacked parameter's views take their place
+            self.linears[name] = gl
+
+    def _grouped(self, name: str, x: torch.Tensor, m_splits: list[int], w: torch.Tensor) -> torch.Tensor:
+        gl = self.linears[name]
+        for i, wi in enumerate(w.unbind(0)):  # views of the stacked (E, out, in) parameter
+            object.__setattr__(gl, f"weight{i}", wi)
+        return gl(x, m_splits)
+
+    def __call__(self, x: torch.Tensor, sizes: list[int], w1: torch.Tensor, w2: torch.Tensor,
+                 w3: torch.Tensor) -> torch.Tensor:
+        """x (M, D) in expert segments of `sizes` rows → (M, D)."""
+        xp, m_splits, rows = pad_segments(x, sizes, self.align)
+        h = F.silu(self._grouped("w1", xp, m_splits, w1)) * self._grouped("w3", xp, m_splits, w3)
+        out = self._grouped("w2", h, m_splits, w2)
+        return out if rows is None else out.index_select(0, rows)
+
+
+def pad_segments(x: torch.Tensor, sizes: list[int], align: int):
+    """Zero-pad every segment of x (M, C) to a multiple of `align` rows.
+
+    Returns (padded x, padded sizes, rows) where padded[rows] == x; rows is None when nothing
+    needed padding. Differentiable (index_copy / index_select).
+    """
+    padded = [-(-n // align) * align for n in sizes]
+    if padded == sizes:
+        return x, sizes, None
+    shift, src, dst = [], 0, 0  # per segment: padded start − start
+    for n, p in zip(sizes, padded):
+        shift.append(dst - src)
+        src, dst = src + n, dst + p
+    counts = torch.tensor(sizes, device=x.device)
+    rows = torch.arange(x.size(0), device=x.device) + torch.repeat_interleave(
+        torch.tensor(shift, device=x.device), counts)
+    out = x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x)
+    return out, padded, rows

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import Transformer
 from model.config import ConfigError
@@ -44,7 +45,7 @@ def reference_fake_quant(x: torch.Tensor, granularity: str, block: int, pow2: bo
 
 @pytest.mark.parametrize("granularity", ["tile", "block", "row", "tensor"])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("shape", [(256, 384), (200, 130)])  # the second has ragged tiles and blocks
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (96, 72)])  # ragged tiles and blocks; dims under one block
 def test_quantise_dequantise_matches_the_loop_reference_bitwise(granularity, pow2, shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])  # wide dynamic range per column
@@ -182,15 +183,259 @@ def test_fp8_config_validation():
         to_config(compose(["fp8.backend=fp4"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine tests need a CUDA GPU and TE")
-def test_te_recipes_against_emulated():  # pragma: no cover - GPU only
-    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
+# Expert segments with every edge: a segment longer than a tile with a short last tile, an
+# empty expert, a single token, a segment of exactly one tile.
+SEGMENTS = [130, 0, 1, 257, 40, 128]
+
+
+def expert_operands(seed: int, D: int = 200, F_: int = 72):
+    """Activations (with outlier channels), stacked expert weights and an output gradient; D and F
+    are not multiples of 128, so weight blocks and activation tiles are ragged too."""
+    g = torch.Generator().manual_seed(seed)
+    M, E = sum(SEGMENTS), len(SEGMENTS)
+    x = torch.randn(M, D, generator=g)
+    x[:, :3] *= 20
+    ws = [torch.randn(E, F_, D, generator=g) * 0.1, torch.randn(E, D, F_, generator=g) * 0.1,
+          torch.randn(E, F_, D, generator=g) * 0.1]
+    return x, ws, torch.randn(M, D, generator=g)
+
+
+def run_with_grads(fn, x, ws, dy, *args):
+    xx, ww = x.clone().requires_grad_(True), [w.clone().requires_grad_(True) for w in ws]
+    y = fn(xx, *ww, *args)
+    y.backward(dy)
+    return [y, xx.grad, *(w.grad for w in ww)]
+
+
+RECIPE_CASES = [("emulated", "blockwise"), ("emulated", "rowwise"), ("emulated", "tensorwise"),
+                ("torch", "rowwise"), ("torch", "tensorwise")]
+
+
+@pytest.mark.parametrize("backend, recipe", RECIPE_CASES)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_grouped_fp8_linear_equals_the_single_linear_per_expert_bitwise(backend, recipe, pow2):
+    """All three GEMMs (output, input gradient, weight gradient) of the grouped linear equal the
+    single FP8 linear run on each expert's rows, bit for bit: same quantised operands (tiles of
+    the weight gradient restart at each expert's first token), same GEMM per segment."""
+    from model.fp8.grouped import grouped_fp8_linear
+
+    x, (w, _, _), _ = expert_operands(5)
+    dy = torch.randn(x.size(0), w.size(1), generator=torch.Generator().manual_seed(6))
+    spec = Fp8Spec(backend, recipe, 128, pow2)
+    got = run_with_grads(lambda xx, ww: grouped_fp8_linear(xx, ww, SEGMENTS, spec), x, [w], dy)
+    start = 0
+    for e, n in enumerate(SEGMENTS):
+        if n:
+            ref = run_with_grads(lambda xx, ww: fp8_linear(xx, ww, spec), x[start:start + n], [w[e]],
+                                 dy[start:start + n])
+            assert torch.equal(got[0][start:start + n], ref[0]), e
+            assert torch.equal(got[1][start:start + n], ref[1]), e
+            assert torch.equal(got[2][e], ref[2]), e
+        else:
+            assert torch.equal(got[2][e], torch.zeros_like(w[e])), e  # an expert without tokens gets no gradient
+        start += n
+
+
+@pytest.mark.parametrize("backend, recipe", RECIPE_CASES)
+def test_grouped_experts_equal_the_per_expert_path(backend, recipe):
+    """The routed experts' FP8 path (grouped) against the per-expert one it replaced.
+
+    Bitwise when SiLU runs over the same tensor extent in both; against the literal per-expert
+    loop (SiLU and its backward per expert) equal to float rounding: PyTorch's CPU SiLU
+    computes a tensor's vectorised body and its scalar tail with different exp code, so the same
+    element can round differently in a per-expert tensor than in the all-experts tensor (last
+    bit of h, hence ~1e-6 relative in the weight gradients)."""
+    from model.fp8.grouped import grouped_fp8_swiglu, per_expert_fp8_swiglu
+
+    x, ws, dy = expert_operands(7)
+    spec = Fp8Spec(backend, recipe)
+    got = run_with_grads(grouped_fp8_swiglu, x, ws, dy, SEGMENTS, spec)
+
+    def per_expert_gemms_common_silu(xx, w1, w2, w3, sizes, spec):
+        bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+
+        def lin(a, w):
+            return torch.cat([fp8_linear(a[bounds[e]:bounds[e + 1]], w[e], spec)
+                              for e in range(len(sizes)) if sizes[e]])
+        return lin(F.silu(lin(xx, w1)) * lin(xx, w3), w2)
+
+    same_silu = run_with_grads(per_expert_gemms_common_silu, x, ws, dy, SEGMENTS, spec)
+    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, same_silu):
+        assert torch.equal(a, b), name
+    literal = run_with_grads(per_expert_fp8_swiglu, x, ws, dy, SEGMENTS, spec)
+    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, literal):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grouped_experts_with_no_tokens():
+    """An expert-parallel rank can receive no rows at all."""
+    from model.fp8.grouped import grouped_fp8_swiglu
+
+    _, ws, _ = expert_operands(8)
+    ww = [w.clone().requires_grad_(True) for w in ws]
+    x = torch.zeros(0, ws[0].size(2), requires_grad=True)
+    y = grouped_fp8_swiglu(x, *ww, [0] * ws[0].size(0), Fp8Spec("emulated", "blockwise"))
+    assert y.shape == (0, ws[0].size(2))
+    y.sum().backward()
+    assert all(torch.equal(w.grad, torch.zeros_like(w)) for w in ww)
+
+
+def test_moe_layer_uses_the_grouped_fp8_experts(monkeypatch):
+    """The smoke model's MoE layers route through the grouped path, and their output equals the
+    per-expert FP8 experts' to float rounding."""
+    import model.moe as moe_mod
+    from model.fp8 import grouped
+
+    cfg = smoke_cfg()
+    with precision(Precision("emulated", "blockwise")):
+        layer = moe_mod.MoE(cfg)
+    torch.manual_seed(9)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 32, cfg.dim)
+    calls = []
+    real = grouped.grouped_fp8_swiglu
+    monkeypatch.setattr(moe_mod, "grouped_fp8_swiglu", lambda *a: calls.append(1) or real(*a))
+    y = layer(x)
+    assert calls
+    monkeypatch.setattr(moe_mod, "grouped_fp8_swiglu", grouped.per_expert_fp8_swiglu)
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_te_experts_pad_each_segment_to_the_fp8_row_multiple():
+    """te.GroupedLinear needs every expert's row count to be a multiple of 16 (32 for MXFP8):
+    the padding helper (plain PyTorch, testable without TE) puts each segment at a multiple and
+    the real rows back exactly."""
+    from model.fp8.te import pad_segments
+
+    sizes = [5, 0, 16, 17]
+    x = torch.randn(sum(sizes), 8, requires_grad=True)
+    padded, m_splits, rows = pad_segments(x, sizes, 16)
+    assert m_splits == [16, 0, 16, 32] and padded.size(0) == 64
+    assert torch.equal(padded[rows], x)
+    starts = [0, 16, 16, 32]
+    for s, n, p in zip(starts, sizes, m_splits):
+        assert torch.equal(padded[s + n:s + p], torch.zeros(p - n, 8))  # zero rows: no weight-gradient change
+    padded.index_select(0, rows).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert pad_segments(torch.zeros(48, 8), [16, 0, 32], 16)[2] is None  # aligned: no copy
+
+
+def test_float_rounding_to_e4m3_equals_the_cast():
+    """The emulated backend rounds in float32 arithmetic (quant.round_to_e4m3) instead of casting
+    to E4M3 and back: equal bit for bit on every E4M3 value, every midpoint between neighbours
+    (ties go to the even mantissa), values just either side of a midpoint, float32 subnormals,
+    signed zeros, and random values over the whole range."""
+    from model.fp8.quant import round_to_e4m3
+
+    grid = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    grid = grid[torch.isfinite(grid)].unique()  # -448 … 448
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in float32
+    eps = torch.finfo(torch.float32).eps
+    g = torch.Generator().manual_seed(10)
+    v = torch.cat([grid, mids, mids * (1 + eps), mids * (1 - eps), torch.tensor([1e-40, -1e-40, 0.0, -0.0, 448.0001]),
+                   (torch.rand(100_000, generator=g) * 2 - 1) * 448 * torch.logspace(-8, 0, 100_000)])
+    assert torch.equal(round_to_e4m3(v.clone()), v.to(E4M3).float())
+    q, s = quantize(torch.randn(64, 256, generator=g), "tile", as_e4m3=False)
+    assert q.dtype == torch.float32 and torch.equal(q.to(E4M3).float(), q)  # already on the E4M3 grid
+
+
+# Transformer Engine (GPU with TE only). Tolerances: TE's Float8BlockScaling quantises the same
+# operands as emulated blockwise with power-of-two scales (TE's default): 1×128 activation and
+# gradient tiles, 128×128 weight blocks, both weight-gradient operands tiled along tokens, E4M3.
+# The same E4M3 operands leave only the GEMMs' accumulation order (~1e-6 relative, > 100 dB);
+# 40 dB allows rare one-step rounding differences where a scale's reciprocal differs in its
+# last bit, while a different granularity in any GEMM adds independent quantisation noise at
+# the recipe's own level (~29 dB against float64, measured above) and would fail it. Current
+# and delayed scaling use one scale per tensor and E5M2 (HYBRID format) for gradients, so they
+# are measured against float64: out ≥ 25 dB (the issue's bar, E4M3 like emulated tensorwise's
+# 28.6), gradients ≥ 18 dB (E5M2 keeps 2 mantissa bits, one fewer than E4M3: ~6 dB lower).
+def _te():
+    if not torch.cuda.is_available():
+        pytest.skip("Transformer Engine tests need a CUDA GPU")
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
     from model.fp8 import te
 
-    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
-    lin = te.linear(512, 256).cuda()
-    ref = fp8_linear(x.float(), lin.weight.float(), Fp8Spec("emulated", "blockwise"))
-    for recipe in ("blockwise", "current", "delayed"):
+    return te
+
+
+def _need_capability(te, recipe):
+    need = te.TE_RECIPES[recipe][1]
+    if torch.cuda.get_device_capability() < need:
+        pytest.skip(f"fp8.recipe={recipe} needs compute capability {need[0]}.{need[1]}+")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["blockwise", "current", "delayed", "mxfp8"])
+def test_te_linear_recipes_against_the_emulated_path(recipe, capsys):  # pragma: no cover - GPU only
+    te = _te()
+    _need_capability(te, recipe)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(512, 384, device="cuda", generator=g)
+    x[:, :8] *= 30
+    dy = torch.randn(512, 256, device="cuda", generator=g)
+    lin = te.linear(384, 256).cuda()
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05, generator=g)
+    w = lin.weight.detach()
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    (xr @ wr.t()).backward(dy.double())
+    ref = {"out": (x.double() @ w.double().t()), "dx": xr.grad, "dw": wr.grad}
+
+    got = {}
+    for _ in range(3 if recipe == "delayed" else 1):  # delayed scaling needs an amax history first
+        lin.weight.grad = None
+        xt = x.clone().requires_grad_(True)
         with te.autocast(recipe):
-            out = lin(x)
-        assert sqnr(ref.double(), out.float()) > 20
+            out = lin(xt)
+        out.backward(dy)
+        got = {"out": out.detach(), "dx": xt.grad, "dw": lin.weight.grad}
+    vs_f64 = {k: sqnr(ref[k], got[k].float()) for k in got}
+    with capsys.disabled():
+        print(f"\nTE {recipe} SQNR dB vs float64: " + ", ".join(f"{k} {v:.1f}" for k, v in vs_f64.items()))
+    if recipe == "blockwise":
+        xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        emu = fp8_linear(xe, we, Fp8Spec("emulated", "blockwise", pow2=True))
+        emu.backward(dy)
+        for k, e in (("out", emu.detach()), ("dx", xe.grad), ("dw", we.grad)):
+            assert sqnr(e.double(), got[k].float()) >= 40, (k, sqnr(e.double(), got[k].float()))
+    else:
+        assert vs_f64["out"] >= 25 and vs_f64["dx"] >= 18 and vs_f64["dw"] >= 18, vs_f64
+
+
+@pytest.mark.gpu
+def test_te_grouped_experts_against_the_emulated_experts():  # pragma: no cover - GPU only
+    """Routed experts under fp8=te (te.GroupedLinear per projection, weights bound to the stacked
+    parameters, rows padded per expert) against the emulated grouped experts, blockwise: same
+    bar as the linear (40 dB, see above) per output and gradient; gradients reach the stacked
+    parameters; expert row counts that are not multiples of 16 (and an empty expert) included."""
+    te = _te()
+    _need_capability(te, "blockwise")
+    from model.fp8.grouped import grouped_fp8_swiglu
+
+    sizes = [37, 0, 128, 5, 200, 16]
+    D, F_ = 256, 128
+    g = torch.Generator(device="cuda").manual_seed(12)
+    x = torch.randn(sum(sizes), D, device="cuda", generator=g)
+    ws = [torch.randn(len(sizes), F_, D, device="cuda", generator=g) * 0.05,
+          torch.randn(len(sizes), D, F_, device="cuda", generator=g) * 0.05,
+          torch.randn(len(sizes), F_, D, device="cuda", generator=g) * 0.05]
+    dy = torch.randn(sum(sizes), D, device="cuda", generator=g)
+    experts = te.GroupedExperts(len(sizes), D, F_, "blockwise")
+
+    def run(fn):
+        xx, ww = x.clone().requires_grad_(True), [w.clone().requires_grad_(True) for w in ws]
+        y = fn(xx, ww)
+        y.backward(dy)
+        return [y.detach(), xx.grad, *(w.grad for w in ww)]
+
+    def te_fn(xx, ww):
+        with te.autocast("blockwise"):
+            return experts(xx, sizes, *ww)
+
+    got = run(te_fn)
+    emu = run(lambda xx, ww: grouped_fp8_swiglu(xx, *ww, sizes, Fp8Spec("emulated", "blockwise", pow2=True)))
+    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, emu):
+        assert a is not None, name
+        assert sqnr(b.double(), a.float()) >= 40, (name, sqnr(b.double(), a.float()))
+    assert torch.equal(got[2][1], torch.zeros_like(ws[0][1]))  # the empty expert gets no gradient
