@@ -4,10 +4,12 @@
 
 Builds the real Trainer (DeepSpeed engine) on the CPU, runs one optimizer step on random
 tokens and measures, right before the update (a global optimizer step pre-hook) and right
-after it, the bytes of every distinct storage behind the module's parameters (weights),
-every `.grad` (gradients), the optimizer's own parameters when they are not the module's
-(DeepSpeed's FP32 master partitions) and the optimizer state (Adam moments). Writes each rank's
-measurement and train.plan's estimate for that rank's stage.
+after it, the bytes of every distinct storage behind the module's parameters (weights), the
+optimizer's own parameters when they are not the module's (DeepSpeed's FP32 master
+partitions), the optimizer state (Adam moments), and every other tensor alive at the update
+(gradients in all their DeepSpeed forms and the pipeline buffers, which the plan books
+separately: they are added to its gradients here). Writes each rank's measurement and
+train.plan's estimate for that rank's stage.
 """
 
 from __future__ import annotations
@@ -65,11 +67,13 @@ def main(out: str, overrides: list[str]) -> None:
             buffers = _storages(list(trainer.engine.module.buffers()))
             seen.setdefault("weights", {}).update(weights)
             seen.setdefault("master", {}).update({k: v for k, v in own.items() if k not in weights})
-            # Gradients: every other tensor alive at the update (param .grad, DeepSpeed's gradient
-            # partitions and buckets), found through the garbage collector's view of all objects.
+            # Gradients: every other tensor alive at the update (DeepSpeed's gradient partitions and
+            # buckets, `.grad`, the FP32 gradient of the group being stepped, pipeline buffers),
+            # found through the garbage collector; the largest total over the per-group calls.
             live = _storages([o for o in gc.get_objects() if torch.is_tensor(o) and o.device.type == "cpu"])
             skip = set(weights) | set(own) | set(buffers) | set(seen.get("moments", {}))
-            seen.setdefault("grads", {}).update({k: v for k, v in live.items() if k not in skip and v > 4096})
+            other = sum(v for k, v in live.items() if k not in skip and v > 4096)
+            seen["grads"] = {0: max(other, seen.get("grads", {0: 0})[0])}
 
         def after(opt, args, kwargs):
             state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
@@ -80,14 +84,11 @@ def main(out: str, overrides: list[str]) -> None:
         h1.remove()
         h2.remove()
         trainer.close()
-    for key in ("weights", "master", "moments"):  # a storage seen as grads before it became state
-        for ptr in seen[key]:
-            seen["grads"].pop(ptr, None)
     measured = {k: sum(v.values()) for k, v in seen.items()}
     stage = env.rank // dp
     planned_stage = plan(cfg.model, cfg.cluster, setup_of(cfg, env.world_size, "fp32")).stages[stage]
-    planned = {"weights": planned_stage.weights, "grads": planned_stage.grads, "master": planned_stage.master,
-               "moments": planned_stage.moments}
+    planned = {"weights": planned_stage.weights, "grads": planned_stage.grads + planned_stage.pipe_buffers,
+               "master": planned_stage.master, "moments": planned_stage.moments}
     per_rank = [None] * env.world_size
     dist.all_gather_object(per_rank, {"rank": env.rank, "stage": stage, "measured": measured, "planned": planned})
     if env.rank == 0:
