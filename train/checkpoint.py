@@ -37,7 +37,6 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 POINTER = "latest"
-PREEMPTED = "PREEMPTED"  # marker left by a preempted run (launch scripts requeue on it)
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1

@@ -106,9 +106,14 @@ class Faults:
         return any(w == what and loc == where and t in (None, self.rank) for w, loc, t, _ in self.items)
 
     def loss_fault(self, step: int) -> str | None:
-        """'nan_loss', 'nan_grad' or 'spike' when injected at this (1-based) step on this rank."""
+        """'nan_loss', 'nan_grad' or 'spike' when injected at this (1-based) step on this rank.
+
+        Once per process: a step reached again after a rollback trains on new data, so it does
+        not repeat the fault (a new process — a resumed run — does)."""
         for what in ("nan_loss", "nan_grad", "spike"):
-            if self._mine(what, str(step)):
+            key = f"{what}@{step}"
+            if self._mine(what, str(step)) and key not in self.seen:
+                self.seen[key] = 1
                 return what
         return None
 

@@ -4,7 +4,15 @@ Per optimizer step: draw grad_accum micro-batches from the stateful loader, forw
 the DeepSpeed engine (main CE + λ·MTP; the MoE balance loss arrives as an injected
 gradient), backward, step; then the expert-bias update from the step's global expert load
 (all-reduced over data-parallel ranks so every replica applies the same update), metrics,
-evaluation. The pipeline path (parallel issue) slots in behind `_forward_backward`.
+evaluation, checkpoint. Pipelines run the same step inside DeepSpeed's `train_batch`.
+
+Right before the update, on every rank, the step guard (`_decide`, installed into DeepSpeed's
+optimizer step by parallel/engine.py) makes the step's one all-reduce: losses, a non-finite
+gradient flag and the preemption flag. A non-finite value on any rank or a loss spike skips the
+update everywhere (state bitwise unchanged); a preemption signal saves and leaves with exit 75.
+Checkpoints (docs/checkpoints.md) hold layout-independent model and optimizer state
+(parallel/state.py), per-rank RNG and the loader's global position; resume is bit-exact at the
+same layout and continues at another.
 
 Global batch semantics: each loader batch is one micro-batch on every rank and an optimizer
 step consumes grad_accum of them; the loader slices each global batch over ranks so the set
@@ -140,6 +148,8 @@ class Trainer:
         self.faults = Faults.from_environ(rank)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         self.resumed_from: Path | None = None
+        self._furthest_step = 0  # rollbacks that never get past it are capped by trainer.max_skipped
+        self._rollbacks_without_progress = 0
         self._guard: dict | None = None
 
     # ----------------------------------------------------------------- setup
@@ -278,6 +288,8 @@ class Trainer:
         else:
             self.consecutive_skips = 0
             self.last_finite_loss = sums[0]
+            if self.step > self._furthest_step:
+                self._furthest_step, self._rollbacks_without_progress = self.step, 0
             if cfg.trainer.spike.action != "off":
                 self.spike.accept(sums[0])
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
@@ -408,8 +420,6 @@ class Trainer:
                     summary.update(ev)
             if out["preempt"]:
                 self.save_checkpoint()
-                if self.rank == 0:  # for launchers: torchrun does not pass the workers' exit code through
-                    ckpt.write_durable(self.ckpt_root / ckpt.PREEMPTED, json.dumps({"step": self.step}).encode())
                 raise Preempted(f"preempted by a signal: saved step {self.step} in {self.ckpt_root}")
             if c.interval and self.step % c.interval == 0:
                 self.save_checkpoint()
@@ -505,8 +515,6 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        if self.rank == 0:
-            (self.ckpt_root / ckpt.PREEMPTED).unlink(missing_ok=True)  # this start answers it
         path = self._find_checkpoint()
         if path is None:
             return
@@ -549,6 +557,11 @@ class Trainer:
                       file=sys.stderr, flush=True)
             return
         skipped_to = self.step
+        self._rollbacks_without_progress += 1
+        if self._rollbacks_without_progress >= self.cfg.trainer.max_skipped:
+            raise TrainError(f"{self._rollbacks_without_progress} rollbacks without getting past step "
+                             f"{self._furthest_step} (loss spikes keep recurring); trainer.max_skipped="
+                             f"{self.cfg.trainer.max_skipped}")
         self._load_state(path)
         self.rollbacks += 1
         self.train_iter.close()
