@@ -11,6 +11,16 @@ WORKER = ROOT / "tests" / "distributed" / "parity_worker.py"
 STEPS = 20
 SAVE_EVERY = 10
 
+# SGD-like AdamW (eps = 1 ≫ sqrt(v)): the update is proportional to the gradient, so float
+# reassociation between layouts (all-reduce and all-to-all summation order, ~1e-7) is not
+# amplified the way Adam's g/sqrt(v) amplifies it on near-zero gradients, and the comparison
+# measures the parallel computation rather than the optimizer's conditioning. The model still
+# learns (loss 6.2 → 3.5 in 20 steps).
+BASE = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
+        "trainer.log_interval=1000", "trainer.eval_interval=0", "trainer.eval_batches=2", "trainer.threads=1",
+        "trainer.deterministic=true", "checkpoint.resume=never", "logging.wandb.mode=disabled", "logging.progress_bar=false",
+        "optim.lr=0.5", "optim.eps=1.0", "schedule.warmup_steps=2", "data.num_workers=0"]
+
 LAYOUTS = {
     "single": (1, []),
     "ep2": (2, ["parallel.ep=2"]),
