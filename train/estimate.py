@@ -153,17 +153,23 @@ def distinct_ranks_per_token(n_experts: int, top_k: int, ep: int) -> float:
 def block_activations(cfg: ModelConfig, layer_id: int, ep: int) -> tuple[float, float, float]:
     """Elements per token kept for backward by one block: (compute dtype, FP8-cacheable, FP32).
 
-    FP8-cacheable are the inputs of the FP8 projections, which DeepSeek-V3 (§3.3.3) caches in
-    FP8; FP32 are the router scores. Attention is SDPA/flash: no T×T scores are kept.
+    Counted from what autograd keeps for model/'s plain-PyTorch modules (checked against a
+    saved-tensor hook on the CPU, tests/unit/test_plan.py): each RMSNorm keeps its input, the
+    normalised value and its output; SwiGLU keeps gate, up, silu(gate) and their product; the
+    MoE keeps the permuted rows, the experts' SwiGLU and outputs, and the rows back in token
+    order for the weighted sum. Attention is SDPA/flash: q, k, v (values zero-padded to the q/k
+    head dim), output and log-sum-exp, no T×T scores. FP8-cacheable are the inputs of the FP8
+    projections, which DeepSeek-V3 (§3.3.3) caches in FP8; FP32 are router scores and the
+    log-sum-exp.
     """
     D, H = cfg.dim, cfg.n_heads
     qk = cfg.qk_head_dim
-    keep = 2 * D  # attn_norm and ffn_norm inputs (RMSNorm backward)
+    keep = 4 * D  # attn_norm and ffn_norm: input and normalised value each
     fp8 = D  # attn_norm output: input of wq_a / wkv_a
     if cfg.q_lora_rank:
-        keep += cfg.q_lora_rank  # q_norm input
+        keep += 2 * cfg.q_lora_rank  # q_norm input and normalised value
         fp8 += cfg.q_lora_rank  # q_norm output: input of wq_b
-    keep += cfg.kv_lora_rank  # kv_norm input
+    keep += cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.kv_lora_rank  # wkv_a output (kv_norm input), normalised
     fp8 += cfg.kv_lora_rank  # kv_norm output: input of wkv_b
     keep += 4 * H * qk  # SDPA's q, k, v (padded to the q/k head dim) and output
     fp8 += H * cfg.v_head_dim  # attention output: input of wo
@@ -172,16 +178,18 @@ def block_activations(cfg: ModelConfig, layer_id: int, ep: int) -> tuple[float, 
     if cfg.is_moe_layer(layer_id):
         F, k = cfg.moe_inter_dim, cfg.n_activated_experts
         fp32 += cfg.n_routed_experts  # router scores
-        keep += 2 * F * cfg.n_shared_experts  # shared experts: gate and up outputs
+        keep += 3 * F * cfg.n_shared_experts  # shared experts: gate, up, silu(gate)
         fp8 += F * cfg.n_shared_experts  # silu(gate) * up: input of w2
         copies = distinct_ranks_per_token(cfg.n_routed_experts, k, ep) if ep > 1 else k
         fp8 += copies * D  # rows received by the experts (one per token and rank, or per expert)
-        keep += k * 2 * F + k * D  # per (token, expert): gate and up outputs, expert output for the weighted sum
+        keep += k * 2 * F + k * D  # per (token, expert): gate and up outputs, expert output
         fp8 += k * F  # silu(gate) * up: input of w2
-        keep += copies * D if ep > 1 else 0  # rows returned by the combine all-to-all
+        keep += copies * D  # rows back in token order (after the combine all-to-all) for the weighted sum
     else:
-        keep += 2 * cfg.inter_dim
-        fp8 += cfg.inter_dim
+        keep += 3 * cfg.inter_dim  # gate, up, silu(gate)
+        fp8 += cfg.inter_dim  # silu(gate) * up: input of w2
+    if layer_id >= cfg.n_layers:  # MTP: enorm and hnorm (input, normalised, output), the concatenation
+        keep += 6 * D + 2 * D
     return keep, fp8, fp32
 
 
