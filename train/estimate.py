@@ -1,20 +1,26 @@
 """Memory, time and communication of one layout, from the config alone (for `python -m train.plan`).
 
-Followed: Megatron-LM's `theoretical_memory_usage.py` for the structure — bytes per parameter
-for weights and optimizer state on the most loaded pipeline shard, activations per layer
-times the micro-batches in flight under 1F1B (min(m, pp) on the first stage) — and the ZeRO
-paper's accounting of model states (Rajbhandari et al. 2020, §3: 2Ψ weights + 2Ψ gradients +
-KΨ optimizer state, the last divided by dp at stage 1, gradients too at stage 2). Not its
-formulas: Megatron's per-layer `sbh(34 + 5as/h)` describes a GPT layer with dropout, and ours is
-MLA + DeepSeekMoE, so activations are counted tensor by tensor from what autograd keeps for
-backward in model/ (`block_activations`). The model states follow what moeforge's DeepSpeed
-setup actually holds (checked against the trainer in tests/unit/test_plan.py):
+Three estimators were read. torchtitan (scripts/estimate/estimation.py) runs the real model
+under FakeTensorMode with a memory tracker: exact for what it builds, but it needs the model
+built at its real size. DeepSpeed's `estimate_zero2_model_states_mem_needs` books 2 + 18/N
+bytes per parameter (BF16 weights; BF16 and FP32 gradients, FP32 master and moments over N),
+model states only. Followed: Megatron-LM's `theoretical_memory_usage.py` for the structure —
+bytes per parameter for weights and optimizer state on the most loaded pipeline shard,
+activations per layer times the micro-batches in flight under 1F1B (min(m, pp) on the first
+stage) — and the ZeRO paper's accounting of model states (Rajbhandari et al. 2020, §3: 2Ψ
+weights + 2Ψ gradients + KΨ optimizer state, the last divided by dp at stage 1, gradients too
+at stage 2). Not Megatron's formulas: its per-layer `sbh(34 + 5as/h)` describes a GPT layer
+with dropout, and ours is MLA + DeepSeekMoE, so activations are counted tensor by tensor from
+what autograd keeps for backward in model/ (`block_activations`). The model states follow what
+moeforge's DeepSpeed setup actually holds (checked against the trainer in
+tests/integration/test_plan_cli.py):
 
 - weights and `.grad` in the compute dtype, full size (ZeRO-2 frees `.grad` into partitions);
 - with ZeRO ≥ 1 or a BF16 run, DeepSpeed's FP32 master partition (ZeRO-1/2 copy even FP32
   weights into their flat partition) and an FP32 copy of the gradient partition of the
-  parameter group being updated; an FP32 run without ZeRO has neither — the weights are the
-  master;
+  parameter group being updated — one group at a time, measured, where DeepSpeed's own
+  estimator books all groups at once; an FP32 run without ZeRO has neither — the weights are
+  the master;
 - two Adam moments in `moments` precision (FP32 in moeforge's AdamW; DeepSeek-V3 §3.3 kept
   them in BF16), partitioned like the master;
 - dense (non-expert) states shard over dp, expert states over the expert-data-parallel group

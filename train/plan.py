@@ -99,7 +99,7 @@ def describe(pl: Plan, cfg) -> str:
     lines = [f"model {total_params(cfg.model) / 1e9:.2f}B parameters (with MTP) on {c.name}: "
              f"{c.nodes} nodes × {c.gpus_per_node} GPUs = {s.world}; pp={s.pp} dp={s.dp} ep={s.ep} "
              f"(expert-data-parallel {s.edp}), ZeRO-{s.effective_zero}, {s.dtype} weights, {s.moments} Adam moments, "
-             f"fp8 {'on' if s.fp8 else 'off'}",
+             f"fp8 {'on (projection inputs cached in FP8, dispatch in FP8)' if s.fp8 else 'off'}",
              f"batch: global {s.global_batch} × {s.seq_len} tokens, micro {s.micro_batch}, "
              f"{s.grad_accum} micro-batches per step per pipeline; recompute "
              f"{'every ' + str(s.recompute_interval) + ' blocks' if s.recompute_interval else 'off'}",
