@@ -73,6 +73,10 @@ class Quantised:
         self.q, self.scale, self.granularity, self.block = q, scale, granularity, block
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.granularity == "token_tile":  # one segment tiled along rows: scales (M/b, 1, C)
+            M, C = self.q.shape
+            xp, b = _fit(e4m3_to_float(self.q), 0, self.block)
+            return (xp.view(-1, b, C) * self.scale).view(-1, C)[:M].to(dtype)
         if self.granularity == "tile" and self.scale.dim() == 3:
             return dequantize(self.q, self.scale, "tile", self.block, dtype)
         if self.granularity == "block":
@@ -143,13 +147,19 @@ def quant_along_rows(a: torch.Tensor, granularity: str, sizes: list[int], spec: 
     """a (M, C) quantised along M inside each segment (the weight-gradient operands, whose
     reduction dimension is the segment's tokens): tiles of `block` tokens restarting at each
     segment start, one scale per segment and column (a row of aᵀ), or one per segment."""
+    x = a.float()
+    if granularity == "tile" and sum(1 for n in sizes if n) == 1:  # one segment (a plain linear): views
+        M, C = x.shape
+        xp, b = _fit(x, 0, spec.block)
+        tiles = xp.view(-1, b, C)  # (M/b, b, C)
+        s = scales_of(tiles.abs().amax(dim=1, keepdim=True), spec.pow2)  # (M/b, 1, C)
+        return Quantised(_to_grid(tiles / s, _real(spec)).view(-1, C)[:M], s, "token_tile", spec.block)
     if granularity == "tile":
         lengths = [min(spec.block, n - t) for n in sizes for t in range(0, n, spec.block)]
     elif granularity in ("row", "tensor"):
         lengths = [n for n in sizes if n]
     else:
         raise ValueError(f"fp8: weight-gradient granularity {granularity!r} is not tile, row or tensor")
-    x = a.float()
     amax = _segment_amax(x, lengths)  # (G, C)
     if granularity == "tensor":
         amax = amax.amax(dim=1, keepdim=True)  # (G, 1)
