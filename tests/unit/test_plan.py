@@ -104,8 +104,10 @@ def test_fp32_run_without_zero_is_sixteen_bytes_per_parameter():
 
 @pytest.mark.parametrize("overrides", [
     ["trainer.seq_len=64", "trainer.micro_batch_size=2"],  # smoke: q_lora, 4 groups, shared expert, MTP
-    ["model=16b", "model.n_layers=2", "model.vocab_size=4096", "trainer.seq_len=128",  # V2-Lite shape, no q_lora
-     "trainer.micro_batch_size=1"],
+    ["model=16b", "model.n_layers=2", "model.vocab_size=4096", "model.dim=512", "model.inter_dim=1536",
+     "model.moe_inter_dim=256", "model.n_heads=8", "model.n_routed_experts=8",  # V2-Lite's kind: no q_lora, softmax,
+     "trainer.seq_len=128", "trainer.micro_batch_size=1"],  # 2 shared experts, narrower
+
 ])
 def test_activations_match_what_autograd_keeps(overrides):
     """Every tensor saved for backward during a real forward (a saved-tensor hook, storages
