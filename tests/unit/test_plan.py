@@ -14,9 +14,6 @@ from train.cluster import ClusterConfig
 from train.estimate import GIB, Setup, distinct_ranks_per_token, plan
 from train.plan import setup_of
 
-H800 = ClusterConfig(name="h800", nodes=4, gpus_per_node=8, gpu_memory_gib=79.2, peak_bf16_tflops=989.0,
-                     peak_fp8_tflops=1979.0, nvlink_gbps=160.0, ib_gbps=50.0, efficiency=0.5, reserved_gib=4.0)
-
 
 @pytest.fixture(scope="module")
 def cfg():
