@@ -109,8 +109,9 @@ def describe(pl: Plan, cfg) -> str:
             f"{'activ':>7} {'no-rc':>7} {'full-rc':>7} {'a2a':>7} {'pipe':>7} {'rsrvd':>7} {'total':>7}  of {c.gpu_memory_gib:g}")
     lines.append(head)
     for st in pl.stages:
-        params = (st.dense_params + st.expert_params) / 1e9
-        lines.append(f"{st.stage:>5} {st.blocks[0]:>4}-{st.blocks[1] - 1:<4} {params:8.2f}B {gib(st.weights)} "
+        n = st.dense_params + st.expert_params
+        params = f"{n / 1e9:8.2f}B" if n >= 1e9 else f"{n / 1e6:8.2f}M"
+        lines.append(f"{st.stage:>5} {st.blocks[0]:>4}-{st.blocks[1] - 1:<4} {params} {gib(st.weights)} "
                      f"{gib(st.grads)} {gib(st.master)} {gib(st.moments)} {gib(st.activations)} "
                      f"{gib(st.act_no_recompute)} {gib(st.act_recompute)} {gib(st.all_to_all)} {gib(st.pipe_buffers)} "
                      f"{gib(st.reserved)} {gib(st.total)}  {'ok' if st.total <= pl.memory else 'OVER'}")
