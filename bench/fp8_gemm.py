@@ -13,8 +13,9 @@ Imports only torch and the repository's model/ package (no DeepSpeed, Hydra or Y
 so it runs on a bare GPU box. On CUDA it times with events over --iters iterations after
 warm-up; with --compile (default when Triton is present) the torch and emulated backends and
 the BF16 baseline are each wrapped in torch.compile, fusing the quantisation kernels.
-On CPU the figures are informative only, and the default is a short run (--quick): fewer
-tokens, fewer shapes, fewer iterations.
+On CPU the figures are informative only (no FP8 hardware, and CPU torch's BF16 GEMM is a slow
+fallback on CPUs without BF16 instructions), and the default is a short run (--quick): 32
+tokens, two shapes per preset, one timed iteration after one warm-up (~3-5 min on 2 cores).
 
     python bench/fp8_gemm.py                       # everything this machine can run
     python bench/fp8_gemm.py --presets 671b --tokens 16384 --iters 50
@@ -140,8 +141,8 @@ def time_step(step, device: torch.device, iters: int, warmup: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    ap.add_argument("--tokens", type=int, default=0, help="rows M of each GEMM (default 8192 on CUDA, 256 on CPU)")
-    ap.add_argument("--iters", type=int, default=0, help="timed iterations (default 20 on CUDA, 2 on CPU)")
+    ap.add_argument("--tokens", type=int, default=0, help="rows M of each GEMM (default 8192 on CUDA, 32 on CPU)")
+    ap.add_argument("--iters", type=int, default=0, help="timed iterations (default 20 on CUDA, 1 on CPU)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed iterations first (default 5 on CUDA, 1 on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
@@ -151,8 +152,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    m = args.tokens or (8192 if gpu else 256)
-    iters, warmup = args.iters or (20 if gpu else 2), args.warmup or (5 if gpu else 1)
+    m = args.tokens or (8192 if gpu else 32)
+    iters, warmup = args.iters or (20 if gpu else 1), args.warmup or (5 if gpu else 1)
     quick = (not gpu) if args.quick is None else args.quick
     if args.compile is None:
         try:

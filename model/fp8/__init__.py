@@ -1,11 +1,16 @@
 """FP8 GEMMs behind the model's one Linear factory (model/linear.py).
 
-quant.py     quantise / dequantise: 1×128 tiles, 128×128 blocks, rows, whole tensors (E4M3)
-gemm.py      the FP8 linear as an autograd function: every GEMM (forward, data gradient,
-             weight gradient) sees operands quantised along its reduction dimension;
-             `emulated` dequantises and multiplies in the compute dtype, `torch` calls
-             torch._scaled_mm on the FP8 operands
-te.py        Transformer Engine modules and recipes (imported only when fp8.backend=te)
+quant.py     quantise / dequantise: 1×128 tiles, 128×128 blocks, rows, whole tensors (E4M3);
+             round_to_e4m3, the cast done in float32 arithmetic for the emulated backend
+gemm.py      the FP8 (grouped) linear as an autograd function: every GEMM (forward, data
+             gradient, weight gradient) sees operands quantised along its reduction dimension,
+             scale groups kept inside each expert's segment; `emulated` dequantises and
+             multiplies in the compute dtype, `torch` calls torch._scaled_mm on the FP8 operands
+grouped.py   routed experts (SwiGLU) over expert segments with the grouped linear
+te.py        Transformer Engine modules and recipes, te.GroupedLinear experts (imported only
+             when fp8.backend=te)
+
+Imports torch and model/ only (bench/fp8_gemm.py runs on machines without DeepSpeed or Hydra).
 """
 
 from __future__ import annotations
