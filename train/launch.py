@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_PREEMPTED = 75  # train/__main__.py: saved a checkpoint on SIGTERM/SIGUSR1; resume=auto continues
 EXIT_PEER_LOST = 4  # a collective failed: another rank or node is gone
 
 # What gloo and NCCL say when the other end of a collective is gone or silent.

@@ -43,10 +43,15 @@ def biases(trainer: Trainer) -> dict[str, list[float]]:
 
 
 def run(out_path: str, data: str, steps: int, overrides: list[str]) -> None:
+    """`parity.mtp=1,0` (default) runs with MTP and without; `parity.mtp=1` only with."""
+    depths = [1, 0]
+    for item in [o for o in overrides if o.startswith("parity.mtp=")]:
+        depths = [int(d) for d in item.split("=", 1)[1].split(",")]
+        overrides.remove(item)
     env = DistEnv.from_environ()
     init_distributed(torch.device("cpu"))
     results = {}
-    for n_mtp in (1, 0):
+    for n_mtp in depths:
         cfg = to_config(compose(BASE + [f"data.path={data}", f"model.n_mtp_layers={n_mtp}",
                                         f"trainer.max_steps={steps}", *overrides]))
         dp = check_layout(cfg, env.world_size)

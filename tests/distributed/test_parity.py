@@ -1,8 +1,8 @@
 """Every layout computes what one process computes (issue: parallelism).
 
-20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2, dp=4×ep=2 (expert-data-parallel 2) and pp=2 with activation
-checkpointing, each
-with MTP on and off, against the single-process run with the same global batch: per-step
+20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2, dp=4×ep=2
+(expert-data-parallel 2) and pp=2 with activation checkpointing, with MTP (and, for the
+pipelines, also without), against the single-process run with the same global batch: per-step
 loss and MTP loss within 1e-5 relative, gradient norms within 1e-3 relative (see the test), and the expert
 biases after 20 steps identical on every rank (and equal to the single process's), and for the
 dp = 1 pipelines the validation loss after training (DeepSpeed's eval_batch) within 1e-5.
@@ -30,7 +30,7 @@ def rel(a: float, b: float) -> float:
 def test_layout_matches_single_process(layout, parity_run, reference):
     nproc, overrides = LAYOUTS[layout]
     got = parity_run(layout)[0]
-    for mtp in ("mtp1", "mtp0"):
+    for mtp in [k for k in ("mtp1", "mtp0") if k in got]:
         ref, par = reference[mtp], got[mtp]
         assert len(par["steps"]) == len(ref["steps"]) == STEPS
         assert ref["steps"][-1]["loss"] < ref["steps"][0]["loss"] - 2.0  # the run really trains

@@ -30,6 +30,8 @@ def overrides(dataset: Path, layout_overrides: list[str], **extra) -> list[str]:
     merged: dict[str, str] = {}
     for item in BASE + [f"data.path={dataset}", "model.n_mtp_layers=1", "trainer.log_interval=1",
                         "checkpoint.resume=auto", *layout_overrides]:
+        if item.startswith("parity."):  # the parity worker's own option
+            continue
         key, value = item.split("=", 1)
         merged[key] = value
     merged.update({k.replace("__", "."): str(v) for k, v in extra.items()})
