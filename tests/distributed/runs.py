@@ -22,14 +22,14 @@ BASE = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batc
         "optim.lr=0.5", "optim.eps=1.0", "schedule.warmup_steps=2", "data.num_workers=0"]
 
 # Layout → (processes, overrides). MTP on and off for the single process and the pipelines (where
-# MTP changes what the stages hold and send); MTP only elsewhere, to keep the suite short.
+# MTP changes what the stages hold and send); MTP only elsewhere, to keep the suite short. A
+# pipeline with data parallelism (ZeRO-1 across each stage's replicas) is pp2_ep2: pp=2 × dp=2.
 LAYOUTS = {
     "single": (1, []),
     "ep2": (2, ["parallel.ep=2", "parity.mtp=1"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp2": (2, ["parity.mtp=1"]),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
-    "pp2_dp2": (4, ["parallel.pp=2", "parity.mtp=1"]),
     "dp4_ep2": (4, ["parallel.ep=2", "parity.mtp=1"]),  # expert-data-parallel size 2: ZeRO-1 partitions the experts
     "pp2_ckpt": (2, ["parallel.pp=2", "parallel.activation_checkpoint_interval=1"]),  # DeepSpeed recompute
 }

@@ -1,6 +1,6 @@
 """Every layout computes what one process computes (issue: parallelism).
 
-20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×ep=2, pp=2×dp=2, dp=4×ep=2
+20 training steps of the smoke model under ep=2, pp=2, dp=2, pp=2×dp=2×ep=2, dp=4×ep=2
 (expert-data-parallel 2) and pp=2 with activation checkpointing, with MTP (and, for the
 pipelines, also without), against the single-process run with the same global batch: per-step
 loss and MTP loss within 1e-5 relative, gradient norms within 1e-3 relative (see the test), and the expert

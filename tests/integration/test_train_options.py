@@ -20,9 +20,9 @@ from test_train_cli import TINY, metrics, run_train
 
 PARITY = ["trainer.deterministic=true", "data.num_workers=0"]
 
-# One dense block and one MoE block (both are compiled), with 4 experts instead of the smoke
-# model's 16 to keep the cold compile short.
-SMALL_MOE = [*TINY, "model.n_layers=2", "model.n_dense_layers=1", "model.n_mtp_layers=1",
+# One MoE block (compiled; the dense path is the attention and shared expert inside it), with
+# 4 experts instead of the smoke model's 16, to keep the cold compile short on CI.
+SMALL_MOE = [*TINY, "model.n_layers=1", "model.n_dense_layers=0", "model.n_mtp_layers=1",
              "model.n_routed_experts=4", "model.n_activated_experts=2", "model.n_expert_groups=1",
              "model.n_limited_groups=1", *PARITY]
 
