@@ -40,13 +40,19 @@ def test_mfu_is_model_tflops_over_peak_and_null_without_a_peak():
 
 
 def test_memory_stats_on_cpu_report_resident_set_and_its_peak():
+    import mmap
+
     before = M.memory_stats("cpu")
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    # 64 MiB of fresh anonymous pages, every page touched: an allocator cannot hand back memory
+    # that an earlier test freed but kept resident (torch.ones could, and the RSS would not grow).
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
     after = M.memory_stats(torch.device("cpu"))
     assert set(after) == {"mem_rss_gib", "mem_peak_gib"}
     assert 0 < after["mem_rss_gib"] <= after["mem_peak_gib"] + 1e-9
     assert after["mem_rss_gib"] >= before["mem_rss_gib"] + 0.05  # saw the 64 MiB (0.0625 GiB)
-    del block
+    block.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
