@@ -101,9 +101,10 @@ class ModelConfig:
             if not 1 <= self.n_limited_groups <= self.n_expert_groups:
                 fail("n_limited_groups", f"must be in [1, n_expert_groups={self.n_expert_groups}]")
             per_group = self.n_routed_experts // self.n_expert_groups
-            if self.n_expert_groups > 1 and per_group < 2:
-                fail("n_expert_groups", "group-limited routing scores each group by its top-2 experts: "
-                                        "need at least 2 experts per group")
+            if self.n_expert_groups > 1 and per_group < 2 and self.score_func == "sigmoid":
+                # softmax (V2) groups score their best expert, so a group may hold one expert
+                fail("n_expert_groups", "sigmoid group-limited routing scores each group by its top-2 "
+                                        "experts: need at least 2 experts per group")
             if self.n_activated_experts > self.n_limited_groups * per_group:
                 fail("n_activated_experts", f"exceeds the {self.n_limited_groups * per_group} experts "
                                             "in the n_limited_groups kept groups")

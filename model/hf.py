@@ -46,10 +46,9 @@ both as transformers 5's `rope_parameters` and as the legacy `rope_scaling` + `r
 `scoring_func` / `topk_method`.
 
 Deviations of transformers from DeepSeek's reference (inference/model.py); we follow the reference:
-- deepseek_v2 group_limited_greedy scores a group by its best expert and zero-fills dropped groups;
-  we (as DeepSeek-V3's reference with its correction bias) score a group by the sum of its top-2
-  biased scores and mask dropped ones with -inf. transformers therefore routes a softmax model
-  like ours only with n_expert_groups == 1; `save` and `load` warn otherwise.
+- deepseek_v2 group_limited_greedy scores a group by its best expert, as DeepSeek's reference and
+  we do for softmax routing, but zero-fills dropped groups where we mask them with -inf. Softmax
+  scores are positive, so the two agree whenever the correction bias is zero (the next point).
 - deepseek_v2 has no e_score_correction_bias. `save` still writes it (transformers reports it as
   unexpected and ignores it) so that `load` restores it, and warns when it is non-zero, because
   transformers then routes differently. A V2 folder without it loads with a zero bias.
@@ -525,8 +524,6 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Transf
                                     f"unexpected MTP layer {n + cfg.n_mtp_layers} (config.json declares "
                                     f"num_nextn_predict_layers={cfg.n_mtp_layers})")
         cfg = dataclasses.replace(cfg, n_mtp_layers=present)
-        if cfg.score_func == "softmax" and cfg.n_expert_groups > 1:
-            warnings.warn(_GROUP_WARNING.format(where=folder), stacklevel=2)
         model = Transformer(cfg)
         if dtype is not None:
             model.to(dtype)
@@ -578,10 +575,6 @@ def _load_experts(ckpt: _Checkpoint, hf: tuple[str, str], param: torch.Tensor, n
         param[j].copy_(ckpt.get(f"{prefix}mlp.experts.{j}.{proj}.weight", param.shape[1:]))
 
 
-_GROUP_WARNING = ("{where}: softmax routing with n_expert_groups > 1 scores a group by the sum of its top-2 experts "
-                  "(DeepSeek's reference with the correction bias); transformers' deepseek_v2 uses the max, so it "
-                  "routes this model differently")
-
 
 # ---------------------------------------------------------------------------------------------
 # Writing
@@ -604,8 +597,6 @@ def save(model: Transformer, path: str | os.PathLike, *, overwrite: bool = False
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise HFCheckpointError(f"{target}: folder is not empty (pass overwrite=True to replace it)")
     if cfg.score_func == "softmax":
-        if cfg.n_expert_groups > 1:
-            warnings.warn(_GROUP_WARNING.format(where=target), stacklevel=2)
         if any(m.e_score_correction_bias.any() for m in model.modules() if hasattr(m, "e_score_correction_bias")):
             warnings.warn(f"{target}: non-zero e_score_correction_bias in a softmax model: transformers' deepseek_v2 "
                           "has no such bias and ignores it, so it routes this model differently", stacklevel=2)

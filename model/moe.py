@@ -60,7 +60,13 @@ class Gate(nn.Module):
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_groups > 1:
             grouped = biased.view(N, self.n_groups, -1)  # (N, G, E/G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            # DeepSeek's reference (inference/model.py Gate): a group scores its best expert in V2
+            # (softmax, no selection bias) and the sum of its top-2 biased experts in V3 (sigmoid
+            # with the correction bias). The rule follows score_func, as the released configs pair them.
+            if self.score_func == "softmax":
+                group_scores = grouped.amax(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
             kept = group_scores.topk(self.topk_groups, dim=-1).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             # -inf, not 0 as transformers fills: a biased score can be negative.

@@ -34,7 +34,12 @@ def reference_gate(x, weight, bias, cfg):
             s = [1 / (1 + math.exp(-v)) for v in logits]
         b = [s[e] + float(bias[e]) for e in range(E)]
         per = E // G
-        group_score = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(G)]
+        # DeepSeek's reference: V2 (softmax) scores a group by its best expert, V3 (sigmoid, with
+        # the correction bias) by the sum of its two best biased experts.
+        if cfg.score_func == "softmax":
+            group_score = [max(b[g * per:(g + 1) * per]) for g in range(G)]
+        else:
+            group_score = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(G)]
         kept = sorted(range(G), key=lambda g: -group_score[g])[:cfg.n_limited_groups]
         allowed = [e for e in range(E) if e // per in kept]
         chosen = sorted(allowed, key=lambda e: -b[e])[:cfg.n_activated_experts]
@@ -46,13 +51,20 @@ def reference_gate(x, weight, bias, cfg):
     return torch.tensor(all_w, dtype=torch.float64), torch.tensor(all_i)
 
 
-@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
-def test_gate_matches_token_by_token_reference(score_func):
+@pytest.mark.parametrize("score_func, bias, groups", [
+    ("sigmoid", True, 4),
+    ("softmax", False, 4),  # DeepSeek-V2: no selection bias, groups scored by their best expert
+    ("softmax", True, 4),  # ours: V2 routing with the aux-loss-free bias, still max-scored groups
+    ("softmax", False, 16),  # groups of one expert (the reference allows them under softmax)
+])
+def test_gate_matches_token_by_token_reference(score_func, bias, groups):
     torch.manual_seed(0)
-    cfg = small_cfg(score_func=score_func, n_routed_experts=16, n_activated_experts=3)
+    cfg = small_cfg(score_func=score_func, n_routed_experts=16, n_activated_experts=3, n_expert_groups=groups,
+                    n_limited_groups=2 if groups == 4 else 5)
     gate = Gate(cfg)
     torch.nn.init.normal_(gate.weight, std=0.5)
-    gate.e_score_correction_bias.copy_(torch.randn(16) * 0.3)  # negative biases included
+    if bias:
+        gate.e_score_correction_bias.copy_(torch.randn(16) * 0.3)  # negative biases included
     x = torch.randn(40, cfg.dim)
     w, idx, _ = gate(x)
     ref_w, ref_idx = reference_gate(x, gate.weight, gate.e_score_correction_bias, cfg)
