@@ -95,6 +95,9 @@ class Fp8Config:
     block_size: int = 128  # emulated blockwise tile / block edge (DeepSeek-V3: 128)
     pow2_scales: bool = False  # round scales up to powers of two (TE's blocks, DeepSeek V3.1 ue8m0)
     exclude: list[str] = field(default_factory=list)  # linear names kept high precision (fnmatch: "attn.*")
+    # MTP's eh_proj in FP8: DeepSeek-V3's released checkpoint keeps it in BF16 (it is not among
+    # the FP8-quantised weights of layer 61), so it stays high precision unless asked for.
+    mtp_eh_proj: bool = False
 
     def resolved_recipe(self) -> str:
         return self.recipe or ("rowwise" if self.backend == "torch" else "blockwise")
@@ -115,7 +118,8 @@ class Fp8Config:
     def precision(self):
         from model.linear import Precision
 
-        return Precision(self.backend, self.resolved_recipe(), self.block_size, self.pow2_scales, tuple(self.exclude))
+        exclude = tuple(self.exclude) + (() if self.mtp_eh_proj else ("mtp.eh_proj",))
+        return Precision(self.backend, self.resolved_recipe(), self.block_size, self.pow2_scales, exclude)
 
 
 @dataclass

@@ -179,13 +179,19 @@ def _starts(sizes: list[int]) -> list[tuple[int, int, int]]:
 
 def _segment_mm(qa: Quantised, qw: Quantised, sizes: list[int], spec: Fp8Spec, dtype: torch.dtype,
                 shape: tuple[int, int]) -> torch.Tensor:
-    """out[seg e] = a[seg e] · w[e]ᵀ with a (M, K) and w (E, N, K) quantised along K."""
-    out = torch.empty(shape, dtype=dtype, device=qa.q.device)
+    """out[seg e] = a[seg e] · w[e]ᵀ with a (M, K) and w (E, N, K) quantised along K.
+
+    Products of E4M3 values with their scales, summed in float32 and rounded once to `dtype`, as
+    the FP8 tensor-core kernels (DeepGEMM, TE, _scaled_mm) do; the emulated backend therefore
+    dequantises and multiplies in float32 whatever the model dtype (a bf16 dequantisation would
+    round each q·scale to 8 bits before the GEMM)."""
     if spec.backend == "emulated":
-        a, wd = qa.dequant(dtype), qw.dequant(dtype)
+        out = torch.empty(shape, dtype=torch.float32, device=qa.q.device)
+        a, wd = qa.dequant(torch.float32), qw.dequant(torch.float32)
         for e, s, n in _starts(sizes):
             torch.mm(a[s:s + n], wd[e].t(), out=out[s:s + n])
-        return out
+        return out.to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=qa.q.device)
     rowwise = qa.granularity == "row"
     for e, s, n in _starts(sizes):  # torch._scaled_mm: a row-major, b column-major; (n, 1) and (1, N) or scalars
         sa = qa.scale[s:s + n] if rowwise else qa.scale[s].reshape(())
@@ -196,10 +202,14 @@ def _segment_mm(qa: Quantised, qw: Quantised, sizes: list[int], spec: Fp8Spec, d
 
 
 def _segment_wgrad(qdy: Quantised, qx: Quantised, sizes: list[int], spec: Fp8Spec, w: torch.Tensor) -> torch.Tensor:
-    """dw[e] (N, K) = dy[seg e]ᵀ · x[seg e]; both operands quantised along the segment's tokens."""
-    dw = torch.zeros_like(w)
+    """dw[e] (N, K) = dy[seg e]ᵀ · x[seg e] in float32; both operands quantised along the segment's tokens.
+
+    Accumulated and returned in float32 whatever w's dtype, as DeepSeek-V3 does for weight
+    gradients (report Fig. 6). Autograd rounds it once to the parameter's dtype where it hands
+    it to DeepSpeed's gradient hooks (which accumulate in float32 with BF16_Optimizer)."""
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     if spec.backend == "emulated":
-        dyd, xd = qdy.dequant(w.dtype), qx.dequant(w.dtype)
+        dyd, xd = qdy.dequant(torch.float32), qx.dequant(torch.float32)
         for e, s, n in _starts(sizes):
             torch.mm(dyd[s:s + n].t(), xd[s:s + n], out=dw[e])
         return dw
@@ -209,7 +219,7 @@ def _segment_wgrad(qdy: Quantised, qx: Quantised, sizes: list[int], spec: Fp8Spe
         sb = qx.scale[s].reshape(1, -1) if rowwise else qx.scale[s].reshape(())
         a = qdy.q[s:s + n].t().contiguous()
         b = qx.q[s:s + n].t().contiguous().t()
-        dw[e] = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=w.dtype)
+        dw[e] = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
     return dw
 
 
@@ -234,7 +244,7 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         sizes, spec = ctx.sizes, ctx.spec
         if x.size(0) == 0:
-            return torch.zeros_like(x), torch.zeros_like(w), None, None
+            return torch.zeros_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device), None, None
         _, (g_dy, g_w), (g_dyt, g_xt) = RECIPES[spec.recipe]
         dy = dy.contiguous()
         dx = dw = None

@@ -9,8 +9,12 @@ dimension — and scaled by one of four granularities:
 - "row":    one scale per row (torch's rowwise _scaled_mm, torchao's rowwise)
 - "tensor": one scale for the tensor
 
-scale = max(amax, floor) / 448 (DeepSeek's act_quant floors amax at 1e-4), optionally rounded
-up to a power of two (TE's default for blocks, DeepSeek V3.1's ue8m0); q = cast_e4m3(x / scale).
+scale = amax / 448, optionally rounded up to a power of two (TE's default for blocks, DeepSeek
+V3.1's ue8m0); q = cast_e4m3(x / scale). An all-zero group gets scale 1 (q = 0). There is no
+amax floor: DeepSeek's inference act_quant floors amax at 1e-4, harmless for activations but not
+for gradients, whose elements are ~1e-9 at a pretraining batch (~63M tokens a step) and would be
+scaled by a floor-set 2.2e-7 into E4M3's subnormals or to zero. TE's current scaling likewise
+uses an amax epsilon of 0 and guards only the all-zero case.
 A ragged last tile or block (a dimension not divisible by the block size) is scaled on its own
 — the emulated path allows it; the kernel backends refuse it in their capability checks.
 """
@@ -21,7 +25,6 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-4
 GRANULARITIES = ("tile", "block", "row", "tensor")
 
 
@@ -44,7 +47,13 @@ def _fit(t: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, int]:
 
 
 def scales_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
-    scale = amax.float().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    """amax → the float32 scale that maps it to E4M3_MAX; 1 for an all-zero group.
+
+    amax / 448 stays a normal float32 down to amax ~5e-36 (then divisions by it lose bits, still
+    finite); a non-finite amax gives a non-finite scale, so a NaN or inf gradient stays visible
+    to the step guard instead of being quantised into finite values."""
+    amax = amax.float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale

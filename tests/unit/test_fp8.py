@@ -3,6 +3,7 @@ against float64), the Linear factory's choices, and the capability checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from train.config import compose, model_config, to_config
 
 
 def reference_fake_quant(x: torch.Tensor, granularity: str, block: int, pow2: bool) -> torch.Tensor:
-    """Written independently: loop over every scaling group, scale = max(amax, 1e-4)/448."""
+    """Written independently: loop over every scaling group, scale = amax/448 (1 for an all-zero group)."""
     x = x.double()
     out = torch.empty_like(x)
     R, C = x.shape
@@ -34,7 +35,7 @@ def reference_fake_quant(x: torch.Tensor, granularity: str, block: int, pow2: bo
                   for r in range(0, R, block) for c in range(0, C, block)]
     for rs, cs in groups:
         g = x[rs, cs]
-        scale = max(g.abs().max().item(), 1e-4) / 448.0
+        scale = g.abs().max().item() / 448.0 or 1.0
         scale = torch.tensor(scale, dtype=torch.float32).item()  # the implementation scales in float32
         if pow2:
             scale = 2.0 ** math.ceil(math.log2(scale))
@@ -93,6 +94,61 @@ def test_fp8_linear_sqnr_against_float64(backend, recipe, bar, capsys):
     with capsys.disabled():
         print(f"\nSQNR dB {backend}/{recipe}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()))
     assert all(v >= bar for v in got.values()), got
+
+
+@pytest.mark.parametrize("backend, recipe", [("emulated", "blockwise"), ("emulated", "rowwise"),
+                                             ("emulated", "tensorwise"), ("torch", "rowwise"), ("torch", "tensorwise")])
+def test_tiny_gradients_keep_their_precision(backend, recipe, capsys):
+    """At a pretraining batch (~63M tokens a step, DeepSeek-V3) per-element gradients are ~1e-9.
+    Scaled down to 1e-6, 1e-9 and 1e-12, dy must keep the ≥ 25 dB SQNR of dx and dw it has at
+    scale 1: quantisation scales follow amax all the way down (an amax floor such as DeepSeek's
+    inference act_quant's 1e-4 flushed them: 17.8 dB at 1e-9, 0.4 dB at 1e-10)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(256, 256, generator=g)
+    w = torch.randn(128, 256, generator=g) * 0.05
+    dy0 = torch.randn(256, 128, generator=g)
+    got = {}
+    for scale in (1.0, 1e-6, 1e-9, 1e-12):
+        dy = dy0 * scale
+        xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        (xr @ wr.t()).backward(dy.double())
+        xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        fp8_linear(xf, wf, Fp8Spec(backend, recipe)).backward(dy)
+        got[scale] = (sqnr(xr.grad, xf.grad), sqnr(wr.grad, wf.grad))
+    with capsys.disabled():
+        print(f"\nSQNR dB dx/dw {backend}/{recipe}: " +
+              ", ".join(f"dy×{s:g} {a:.1f}/{b:.1f}" for s, (a, b) in got.items()))
+    for scale, (dx, dw) in got.items():
+        assert dx >= 25 and dw >= 25, (scale, dx, dw)
+        assert abs(dx - got[1.0][0]) < 0.5 and abs(dw - got[1.0][1]) < 0.5, (scale, dx, dw)  # scale-free
+
+
+@pytest.mark.parametrize("backend, recipe", [("emulated", "blockwise"), ("torch", "rowwise")])
+def test_bf16_gemms_round_once_and_weight_gradients_leave_in_float32(backend, recipe):
+    """DeepSeek-V3 (report Fig. 6) accumulates the FP8 GEMMs in FP32 and outputs weight gradients
+    in FP32. With bf16 operands: the weight-gradient GEMM returns float32, and each GEMM result
+    is the float32 result of the same quantised operands rounded once to bf16 (the bf16 values
+    upcast quantise identically), not a product of operands first rounded to bf16."""
+    from model.fp8.gemm import _segment_wgrad, quant_along_rows
+
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(192, 256, generator=g).bfloat16()
+    w = (torch.randn(128, 256, generator=g) * 0.05).bfloat16()
+    dy = torch.randn(192, 128, generator=g).bfloat16()
+    spec = Fp8Spec(backend, recipe)
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        xx, ww = x.to(dtype, copy=True).requires_grad_(True), w.to(dtype, copy=True).requires_grad_(True)
+        y = fp8_linear(xx, ww, spec)
+        y.backward(dy.to(dtype))
+        runs[dtype] = (y, xx.grad, ww.grad)
+    for name, low, high in zip(("y", "dx", "dw"), runs[torch.bfloat16], runs[torch.float32]):
+        assert low.dtype == torch.bfloat16
+        assert torch.equal(low, high.bfloat16()), name
+    gran = "tile" if recipe == "blockwise" else "row"
+    dw = _segment_wgrad(quant_along_rows(dy, gran, [192], spec), quant_along_rows(x, gran, [192], spec),
+                        [192], spec, w.unsqueeze(0))
+    assert dw.dtype == torch.float32 and torch.equal(dw[0], runs[torch.float32][2])
 
 
 @pytest.mark.parametrize("recipe", ["blockwise", "rowwise", "tensorwise"])
@@ -169,29 +225,77 @@ def test_factory_puts_fp8_where_deepseek_does_and_honours_exclude():
         assert Transformer(cfg).layers["1"].ffn.experts.fp8 is None
 
 
-def test_fp8_model_trains_close_to_high_precision():
-    """Five optimizer steps of the smoke model with emulated blockwise FP8: same first loss as fp32, and it learns."""
+def test_factory_keeps_mtp_eh_proj_high_precision_by_default():
+    """DeepSeek-V3's released checkpoint keeps MTP's eh_proj in BF16; fp8.mtp_eh_proj=true opts in."""
+    cfg = smoke_cfg()
+    for overrides, fp8 in (([], False), (["fp8.mtp_eh_proj=true"], True)):
+        with precision(to_config(compose(["model=smoke", "fp8=emulated", *overrides])).fp8.precision()):
+            model = Transformer(cfg)
+        assert isinstance(model.mtp["0"].eh_proj, Fp8Linear) is fp8, overrides
+        assert isinstance(model.layers["1"].attn.wq_a, Fp8Linear)  # the rest stays FP8
+
+
+def logits_and_grads(backend: str, cfg, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the flattened weight gradients of the smoke model with weights of std 0.02: at
+    the default 0.006 the logits are mostly the unquantised embedding → head path (std 0.07,
+    SQNR 32 dB whatever the layers do); at 0.02 the layers move them (std 0.22)."""
+    with precision(Precision(backend, "blockwise")):
+        model = Transformer(dataclasses.replace(cfg, init_std=0.02))
+    model.init_weights(seed=0)
+    logits = model(data[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten()).backward()
+    grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.grad is not None])
+    return logits.detach(), grads
+
+
+def model_sqnr(cfg, data) -> tuple[float, float]:
+    ref_logits, ref_grads = logits_and_grads("off", cfg, data)
+    logits, grads = logits_and_grads("emulated", cfg, data)
+    return sqnr(ref_logits.double(), logits), sqnr(ref_grads.double(), grads)
+
+
+def test_fp8_model_logits_and_gradients_track_fp32():
+    """The whole smoke model (every projection and routed expert in emulated blockwise FP8) against
+    the same weights in fp32: logits and all weight gradients at the FP8 noise level (measured
+    19.2 and 17.0 dB: ~30 quantised GEMMs in sequence, and routing flips). Every GEMM's output
+    zeroed or tripled falls to ~0 dB, and even a 10% gain error (×1.1: 14.4 and 12.9 dB) falls
+    below the bar; the first-step loss ≈ ln V, which the replaced check compared, cannot tell
+    any of them apart."""
+    import model.fp8.gemm as gemm
+
     cfg = smoke_cfg()
     data = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(4))
-    losses = {}
-    for backend in ("off", "emulated"):
-        torch.manual_seed(0)
-        with precision(Precision(backend, "blockwise")):
-            model = Transformer(cfg)
-        model.init_weights(seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        run = []
-        for _ in range(5):
-            loss = model.losses(data[:, :-1], data[:, 1:]).main
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[backend] = run
-    assert losses["emulated"][-1] < losses["emulated"][0] - 0.3  # it learns
-    assert abs(losses["off"][0] - losses["emulated"][0]) / losses["off"][0] < 1e-3, losses  # same forward
-    # Later steps drift apart through AdamW (measured ≤ 2.5% by step 5); the issue's acceptance
-    # comparison is the mean loss over 300 steps, a slow run not made yet (docs/fp8.md).
+    logits_db, grads_db = model_sqnr(cfg, data)
+    assert logits_db >= 17 and grads_db >= 15, (logits_db, grads_db)
+    real_mm = gemm._segment_mm
+    for gain in (0, 3, 1.1):
+        def broken(*a, gain=gain):
+            return real_mm(*a) * gain
+
+        gemm._segment_mm = broken
+        try:
+            bad = model_sqnr(cfg, data)
+        finally:
+            gemm._segment_mm = real_mm
+        assert bad[0] < 17 and bad[1] < 15, (gain, bad)
+
+
+def test_fp8_model_learns():
+    """Five AdamW steps of the smoke model with emulated blockwise FP8 lower the loss."""
+    cfg = smoke_cfg()
+    data = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(4))
+    with precision(Precision("emulated", "blockwise")):
+        model = Transformer(cfg)
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = model.losses(data[:, :-1], data[:, 1:]).main
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_capability_errors_name_the_alternative():
