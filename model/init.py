@@ -10,8 +10,19 @@ shared RNG stream, so its stages differ from a 1-stage run; Megatron seeds per t
 rank. Neither gives layout-independent weights, which moeforge's parity and elastic-resume
 goals need.
 
-Distribution: Normal(0, init_std) for every matrix (DeepSeek-V3 report §4.2), ones for norm
-gains, zeros for the router's selection bias.
+Rules by parameter role, not by the class of the module holding it, so every precision backend
+(nn.Linear, Fp8Linear, Transformer Engine's Linear, whatever registers a `weight`) draws the
+same values from the same seeds — issue 12: a `te.Linear` built on meta kept uninitialised
+memory because only nn.Linear / nn.Embedding were recognised:
+
+- every parameter with ≥ 2 dims: Normal(0, init_std) (DeepSeek-V3 report §4.2), seeded by its
+  full-model name; routed-expert stacks (E, ·, ·) one generator per global expert id;
+- 1-D parameters: norm gains (`…norm.weight`) ones, biases zeros; any other 1-D parameter is
+  an error (a new kind of parameter needs a rule here, not silent garbage);
+- buffers: zeros (the router's selection bias, the load counters); derived tables (RoPE) are
+  rebuilt by their owner after this;
+- anything that is neither a parameter nor a buffer (Transformer Engine's `_extra_state`, its
+  empty `bias` attribute when built without bias) is not model state and is left alone.
 """
 
 from __future__ import annotations
@@ -21,8 +32,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .moe import Experts, Gate, MoE
-from .norm import RMSNorm
+from .moe import Experts
 
 
 def tensor_seed(base_seed: int, name: str) -> int:
@@ -36,25 +46,31 @@ def _normal_(t: torch.Tensor, std: float, seed: int) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
 
 
+def _full_name(prefix: str, local: str) -> str:
+    return ".".join(p for p in (prefix.rstrip("."), local) if p)
+
+
 @torch.no_grad()
 def init_weights_(module: nn.Module, std: float, base_seed: int, prefix: str = "") -> None:
     """Initialise `module`, whose parameters are named `prefix` + local name in the full model.
 
     Routed experts are seeded per global expert id (`Experts.expert_offset` + local index).
     """
-    for local, m in module.named_modules():
-        name = ".".join(p for p in (prefix.rstrip("."), local) if p)
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            _normal_(m.weight, std, tensor_seed(base_seed, f"{name}.weight"))
-        elif isinstance(m, Gate):
-            _normal_(m.weight, std, tensor_seed(base_seed, f"{name}.weight"))
-            m.e_score_correction_bias.zero_()
-        elif isinstance(m, Experts):
-            for w in ("w1", "w2", "w3"):
-                param = getattr(m, w)
-                for e in range(param.size(0)):
-                    _normal_(param[e], std, tensor_seed(base_seed, f"{name}.{w}[{m.expert_offset + e}]"))
-        elif isinstance(m, RMSNorm):
-            m.weight.fill_(1.0)
-        elif isinstance(m, MoE):
-            m.tokens_per_expert.zero_()  # a buffer: garbage after to_empty()
+    expert_offset = {id(getattr(m, w)): m.expert_offset for m in module.modules() if isinstance(m, Experts)
+                     for w in ("w1", "w2", "w3")}
+    for local, p in module.named_parameters():
+        name = _full_name(prefix, local)
+        if id(p) in expert_offset:
+            stem, _, w = name.rpartition(".")
+            for e in range(p.size(0)):
+                _normal_(p[e], std, tensor_seed(base_seed, f"{stem}.{w}[{expert_offset[id(p)] + e}]"))
+        elif p.dim() >= 2:
+            _normal_(p, std, tensor_seed(base_seed, name))
+        elif name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            raise ValueError(f"model/init.py: no initialisation rule for the {p.dim()}-D parameter {name}")
+    for _, b in module.named_buffers():
+        b.zero_()

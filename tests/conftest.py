@@ -20,3 +20,20 @@ def dataset(tmp_path_factory) -> Path:
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture
+def te_standin(monkeypatch):
+    """The Transformer Engine stand-in (tests/te_standin) importable as `transformer_engine` for
+    this test, in-process and in subprocesses; skips where the real TE is installed."""
+    from tests import te_standin
+
+    if te_standin.real_te_installed():
+        pytest.skip("the real Transformer Engine is installed: the gpu-marked tests use it, not the stand-in")
+    te_standin.uninstall()
+    te_standin.install(monkeypatch)
+    import transformer_engine
+
+    assert getattr(transformer_engine, te_standin.MARKER, False), transformer_engine.__file__
+    yield transformer_engine
+    te_standin.uninstall()

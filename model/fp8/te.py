@@ -9,6 +9,7 @@ exercised by the GPU tests only (tests/unit/test_fp8.py skips them elsewhere, wi
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,25 @@ def import_te():
     return te
 
 
+def _is_test_standin() -> bool:
+    """Whether the importable TE is moeforge's test stand-in (tests/te_standin), which runs on a CPU."""
+    try:
+        import transformer_engine
+    except Exception:  # absent, or a real TE whose libraries do not load here
+        return False
+    return bool(getattr(transformer_engine, "IS_MOEFORGE_TEST_STANDIN", False))
+
+
 def check(recipe: str, device: torch.device) -> None:
-    if device.type != "cuda":
+    # The one seam for tests: the stand-in (emulated FP8 on any device, tests/te_standin) lets
+    # the CPU suite run every line of this backend; a real TE on a CPU is still refused here.
+    standin = device.type != "cuda" and _is_test_standin()
+    if device.type != "cuda" and not standin:
         raise ConfigError(f"fp8.backend=te: needs an NVIDIA GPU (device is {device.type}); "
                           "fp8.backend=emulated runs here")
     import_te()
+    if standin:
+        return
     need = TE_RECIPES[recipe][1]
     cap = torch.cuda.get_device_capability(device)
     if cap < need:
@@ -49,8 +64,43 @@ def make_recipe(recipe: str, amax_history_len: int = 1024):
     return getattr(R, TE_RECIPES[recipe][0])()
 
 
+# TE's FP8 GEMM needs the input's rows (the product of its leading dimensions) to be a multiple
+# of 8 (TE utils.assert_dim_for_fp8_exec, checked in Linear's forward since TE 2.1). MTP depth k
+# runs on B·(T−k) rows — 2·4095 for a batch of two 4096-token sequences — which TE refuses.
+ROW_MULTIPLE = 8
+_LINEAR_CLASSES: dict[type, type] = {}  # te.Linear class → its row-padding subclass
+
+
+def _row_padded(te_linear: type) -> type:
+    if te_linear not in _LINEAR_CLASSES:
+        class RowPaddedLinear(te_linear):
+            """te.Linear whose input rows are zero-padded to TE's FP8 row multiple and cut after.
+
+            Zero rows change no scale (amaxes of whole tensors, rows or tiles along a row, and
+            token tiles of the weight gradient only see zeros added) and add nothing to the
+            weight gradient; their outputs are dropped. A subclass, not a wrapper, so the
+            parameter keeps its name (`….weight`) in every state dict.
+            """
+
+            def forward(self, inp: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                rows = math.prod(inp.shape[:-1])
+                if rows % ROW_MULTIPLE == 0:
+                    return super().forward(inp, *args, **kwargs)
+                x = F.pad(inp.reshape(rows, inp.size(-1)), (0, 0, 0, -rows % ROW_MULTIPLE))
+                return super().forward(x, *args, **kwargs)[:rows].view(*inp.shape[:-1], -1)
+
+        _LINEAR_CLASSES[te_linear] = RowPaddedLinear
+    return _LINEAR_CLASSES[te_linear]
+
+
 def linear(in_features: int, out_features: int):
-    return import_te().Linear(in_features, out_features, bias=False)
+    # TE's modules default to device="cuda" and pass it explicitly to their allocations, so under
+    # the builders' `with torch.device("meta")` they would allocate (and initialise, with TE's
+    # own init_method) every projection in GPU memory — at 671B, far more than one GPU holds.
+    # The device the build runs under is passed instead: on meta TE defers its initialisation,
+    # and model/init.py initialises by name after `to_empty`.
+    return _row_padded(import_te().Linear)(in_features, out_features, bias=False,
+                                           device=torch.get_default_device())
 
 
 def autocast(recipe: str, group=None):

@@ -1,0 +1,1 @@
+"""Transformer Engine STAND-IN (tests only): `transformer_engine.common`, recipes only."""

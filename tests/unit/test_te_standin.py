@@ -1,0 +1,186 @@
+"""fp8.backend=te on the CPU through the Transformer Engine stand-in (tests/te_standin), in-process.
+
+- The stand-in behaves as TE where a caller can be bitten (device default, init at construction,
+  `_extra_state`, dimension checks, m_splits) and computes with the emulated FP8 recipe its TE
+  recipe maps to.
+- Defect 1 of issue 12: a meta build, `to_empty` onto memory filled with NaN, then init gives —
+  for every FP8 backend, te included — bit for bit the weights of the fp8=off model with the same
+  seed, for the whole model (parallel/build.py), an expert-parallel shard, and every pipeline
+  stage's layers (parallel/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import Transformer
+from model.config import ModelConfig
+from model.fp8.gemm import Fp8Spec, fp8_linear, grouped_fp8_linear
+from model.linear import Precision, precision
+from parallel.build import build_model
+from parallel.pipeline import BlockPipe, OutputPipe, SharedEmbedding
+from parallel.topology import Groups, Layout
+from train.config import compose, model_config
+
+SEED = 11
+BACKENDS = {"off": Precision(), "emulated": Precision("emulated", "blockwise"),
+            "torch": Precision("torch", "rowwise"), "te": Precision("te", "blockwise")}
+
+
+def smoke() -> ModelConfig:
+    return model_config(compose(["model=smoke"]).model)
+
+
+# ------------------------------------------------------------------ the stand-in itself
+def test_standin_bites_like_te(te_standin):
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe as R
+
+    assert "stand-in" in te_standin.__doc__.lower() and "standin" in te_standin.__version__
+    # device defaults to "cuda" and is passed explicitly: a meta context does not reach the weights.
+    with torch.device("meta"), pytest.raises((AssertionError, RuntimeError)):
+        te.Linear(32, 16, bias=False)
+    assert te.Linear(32, 16, bias=False, device="meta").weight.is_meta
+    # Built on a real device, TE initialises at once: Normal(0, 0.023) from the global RNG.
+    torch.manual_seed(3)
+    lin = te.Linear(32, 16, bias=False, device="cpu")
+    torch.manual_seed(3)
+    assert torch.equal(lin.weight, torch.empty(16, 32).normal_(0.0, 0.023))
+    assert [n for n, _ in lin.named_parameters()] == ["weight"] and lin.bias.numel() == 0
+    assert list(lin.state_dict()) == ["weight", "_extra_state"]
+    assert lin.state_dict()["_extra_state"].dtype == torch.uint8 and lin.state_dict()["_extra_state"].numel() == 0
+
+    x = torch.randn(4, 8, 32)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))  # outside autocast: high precision
+    block = R.Float8BlockScaling()
+    with te.fp8_autocast(enabled=True, fp8_recipe=block):
+        y = lin(x)
+    assert torch.equal(y, fp8_linear(x, lin.weight, Fp8Spec("emulated", "blockwise", 128, True)))
+    assert not torch.equal(y, F.linear(x, lin.weight))
+    with te.autocast(recipe=R.Float8CurrentScaling()):
+        y = lin(x)
+    assert torch.equal(y, fp8_linear(x, lin.weight, Fp8Spec("emulated", "tensorwise", 128, False)))
+    with te.autocast(recipe=block), pytest.raises(ValueError, match="divisible by 8"):
+        lin(torch.randn(2, 63, 32))  # 126 rows: TE's FP8 GEMM refuses them
+
+    # GroupedLinear: weight0..weight{n-1}, rows split by m_splits, each split aligned under FP8.
+    gl = te.GroupedLinear(3, 32, 16, bias=False, device="cpu")
+    assert [n for n, _ in gl.named_parameters()] == ["weight0", "weight1", "weight2"]
+    x = torch.randn(48, 32, requires_grad=True)
+    splits = [16, 0, 32]
+    ref = torch.cat([x[:16] @ gl.weight0.T, x[16:] @ gl.weight2.T])
+    assert torch.equal(gl(x, splits), ref)
+    with te.autocast(recipe=block):
+        y = gl(x, torch.tensor(splits))
+        with pytest.raises(ValueError, match="multiple of 16"):
+            gl(x, [8, 8, 32])
+    w = torch.stack([gl.weight0, gl.weight1, gl.weight2])
+    assert torch.equal(y, grouped_fp8_linear(x, w, splits, Fp8Spec("emulated", "blockwise", 128, True)))
+    y.sum().backward()
+    assert gl.weight1.grad.abs().sum() == 0 and gl.weight0.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="number of GEMMs"):
+        gl(x, [48])
+
+    # Delayed scaling: `_extra_state` becomes a pickle after the first FP8 forward (its size changes).
+    lin2 = te.Linear(32, 16, bias=False, device="cpu")
+    with te.autocast(recipe=R.DelayedScaling(amax_history_len=4)):
+        lin2(torch.randn(8, 32))
+    state = lin2.state_dict()["_extra_state"]
+    assert state.numel() > 0 and isinstance(pickle.loads(state.numpy().tobytes())["recipe"], R.DelayedScaling)
+    with pytest.raises(AssertionError, match="E5M2"):
+        R.DelayedScaling(fp8_format=R.Format.E5M2)
+
+
+# ------------------------------------------------------------------ defect 1: init on every backend
+@pytest.fixture
+def nan_after_to_empty(monkeypatch):
+    """Every `to_empty` leaves NaN in the new memory (uninitialised memory made visible)."""
+    original = nn.Module.to_empty
+
+    def to_empty(self, *, device, recurse=True):
+        out = original(self, device=device, recurse=recurse)
+        with torch.no_grad():
+            for t in itertools.chain(self.parameters(), self.buffers()):
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(nn.Module, "to_empty", to_empty)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    """fp8=off, built on the CPU and initialised with SEED: the weights every backend must reproduce."""
+    model = Transformer(smoke())
+    model.init_weights(SEED)
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + n: t for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+
+
+def _assert_backend_built(module: nn.Module, backend: str) -> None:
+    """The backend really built its modules (not a silent fallback to nn.Linear)."""
+    if backend == "te":
+        import transformer_engine.pytorch as te
+
+        assert any(isinstance(m, te.Linear) for m in module.modules())
+    elif backend in ("emulated", "torch"):
+        from model.fp8.gemm import Fp8Linear
+
+        assert any(isinstance(m, Fp8Linear) for m in module.modules())
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_meta_build_initialises_every_backend_like_fp8_off(backend, request, nan_after_to_empty, reference):
+    if backend == "te":
+        request.getfixturevalue("te_standin")
+    cfg = smoke()
+    with precision(BACKENDS[backend]):
+        with torch.device("meta"):
+            meta = Transformer(cfg)
+        assert all(t.is_meta for t in itertools.chain(meta.parameters(), meta.buffers()))  # nothing real allocated
+        model = build_model(cfg, seed=SEED, device=torch.device("cpu"))
+        layout = Layout(2, 1, 2)
+        groups = Groups(layout=layout, rank=1, dp=None, ep=None, ep_group_name="ep_size_2")
+        shard = build_model(cfg, seed=SEED, device=torch.device("cpu"), groups=groups)
+    _assert_backend_built(model, backend)
+    got = _tensors(model)
+    assert got.keys() == reference.keys()
+    for name, t in got.items():
+        assert torch.equal(t, reference[name]), name
+    # Expert-parallel rank 1 of 2 holds global experts 8..15, drawn with their global ids' seeds.
+    E_l = cfg.n_routed_experts // 2
+    for name, t in _tensors(shard).items():
+        want = reference[name]
+        if ".experts.w" in name:
+            want = want[E_l:2 * E_l]
+        assert torch.equal(t, want), name
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_pipeline_stage_layers_initialise_every_backend_like_fp8_off(backend, request, nan_after_to_empty,
+                                                                     reference):
+    if backend == "te":
+        request.getfixturevalue("te_standin")
+    cfg = smoke()
+    got = {}
+    with precision(BACKENDS[backend]):
+        got.update(_tensors(SharedEmbedding(cfg, SEED), "embed."))
+        for i in range(cfg.n_layers):
+            block = BlockPipe(cfg, i, SEED)
+            _assert_backend_built(block, backend)
+            got.update(_tensors(block.block, f"layers.{i}."))
+        out = OutputPipe(cfg, SEED)
+        for name in ("norm", "head", "mtp"):
+            got.update(_tensors(getattr(out, name), f"{name}."))
+    assert got.keys() == {n for n in reference if not n.startswith("rope_")}
+    for name, t in got.items():
+        assert torch.equal(t, reference[name]), name
