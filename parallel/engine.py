@@ -69,7 +69,24 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int, grad_clip: float,
                      bf16: bool, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                      device_type: str) -> dict:
-    """The DeepSpeed JSON config for a dp-only (non-pipeline) run."""
+    """The DeepSpeed JSON config (the pipeline engine reads the same keys).
+
+    bf16: bf16 weights and gradients, fp32 master weights and fp32 gradient accumulation (as
+    DeepSeek-V3 keeps them, report §3.3.3; the Adam moments stay fp32 here). DeepSpeed picks its
+    optimizer wrapper from (zero stage, grad_accum_dtype, pipeline):
+    - ZeRO stage 0, 1 → stage 1 with `grad_accum_dtype: fp32`, i.e. `BF16_Optimizer` (fp32
+      masters and moments partitioned over data-parallel ranks, fp32 gradient accumulators,
+      reduced in fp32), with or without a pipeline, at dp = 1 too. DeepSpeed refuses fp32
+      accumulation without ZeRO, and its stage-0 choices are worse: `FP16_UnfusedOptimizer`
+      without a pipeline (bf16 accumulation, its checkpointable state is keyed by fp32 copies
+      parallel/state.py cannot address, and it takes one AdamW step with zero gradients when
+      built: step count 1 and one weight decay before training; measured, the loss after the
+      first update was 6.023 against 5.956 in fp32) and `BF16_Optimizer` with bf16
+      accumulation under a pipeline.
+    - ZeRO stage 2 → `DeepSpeedZeroOptimizer` (bf16 parameters, fp32 partitions, fp32
+      accumulation of the gradient partitions).
+    docs/parallel.md has the table; tests/distributed/test_bf16.py checks it.
+    """
     cfg = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -86,6 +103,8 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["zero_optimization"]["stage"] = max(zero_stage, 1)  # see the docstring
     return cfg
 
 
@@ -145,16 +164,18 @@ def install_step_guard(engine, decide) -> None:
     goes through DeepSpeed's own overflow path: gradients are cleared, parameters and optimizer
     state stay bitwise unchanged and `engine.skipped_steps` counts it.
 
-    - ZeRO-1/2: the optimizer's overflow check (`has_overflow`, called once per step before the
-      norm and the update) becomes `decide()`. DeepSpeed also skips a step whose gradient norm is
-      not finite, which is global, so ranks still agree.
-    - No ZeRO: the torch optimizer's `step` is wrapped; `overflow` is the attribute the engine
-      reads to count skipped steps.
+    - DeepSpeed's ZeRO optimizer (fp32 ZeRO-1/2, bf16 ZeRO-2): the optimizer's overflow check
+      (`has_overflow`, called once per step before the norm and the update) becomes `decide()`.
+      DeepSpeed also skips a step whose gradient norm is not finite, which is global, so ranks
+      still agree.
+    - Otherwise (the plain torch optimizer of an fp32 run without ZeRO, and DeepSpeed's
+      BF16_Optimizer, which every bf16 run at ZeRO stage 0 or 1 uses): the optimizer's `step` is
+      wrapped; `overflow` is the attribute the engine reads to count skipped steps.
     Pipelines call the optimizer step at the end of `train_batch` on every stage, so the same
     hook decides before the update there too.
     """
     opt = engine.optimizer
-    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # DeepSpeedZeroOptimizer
         opt.check_grad_overflow = True
         opt.has_overflow = lambda partition_gradients=True: bool(decide())
         return
@@ -162,9 +183,9 @@ def install_step_guard(engine, decide) -> None:
 
     def guarded_step(*args, **kwargs):
         if decide():
+            # BF16_Optimizer's zero_grad also zeroes its fp32 gradient accumulators (clear_hp_grads):
+            # the skipped step's gradients must not reach the next update.
             opt.zero_grad(set_to_none=True)
-            if hasattr(opt, "clear_hp_grads"):  # BF16_Optimizer's fp32 gradient accumulators
-                opt.clear_hp_grads()
             opt.overflow = True
             return None
         opt.overflow = False
@@ -174,8 +195,12 @@ def install_step_guard(engine, decide) -> None:
 
 
 def local_grads_finite(engine) -> bool:
-    """Whether this rank's gradients for the coming update are finite (ZeRO partitions or .grad)."""
+    """Whether this rank's gradients for the coming update are finite (ZeRO partitions, BF16_Optimizer's
+    fp32 accumulators, or .grad)."""
     opt = engine.optimizer
+    hp = getattr(opt, "fp32_groups_gradients_flat", None)
+    if hp:  # BF16_Optimizer: the sum of every micro-batch (a bf16 .grad holds at most the last one)
+        return all(bool(torch.isfinite(g).all()) for g in hp)
     if hasattr(opt, "has_overflow_partitioned_grads_serial") and getattr(opt, "averaged_gradients", None):
         try:
             return not bool(opt.has_overflow_partitioned_grads_serial())

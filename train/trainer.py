@@ -188,7 +188,7 @@ class Trainer:
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
             device_type=self.device.type)
         self.engine, self.optimizer = ds_engine.initialize(self.module, groups, ds_cfg)
-        if zero_stage == 0:
+        if ds_cfg["zero_optimization"]["stage"] == 0:  # bf16 runs at least stage 1 (parallel/engine.py)
             ds_engine.record_grad_norm(self.engine, self.groups.ep)
         if self.dp == 1:
             self.engine.enable_backward_allreduce = False

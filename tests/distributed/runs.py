@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+
+import torch
+
+from parallel.state import Reader
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "parity_worker.py"
@@ -46,3 +51,36 @@ def worker_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def assert_same_state(a: Path, b: Path, adam_steps: int = STEPS) -> None:
+    """Two checkpoints hold equal tensors of every kind, the same loader position and counters."""
+    ra, rb = Reader(a), Reader(b)
+    assert ra.fragments.keys() == rb.fragments.keys() == {"param", "exp_avg", "exp_avg_sq", "buffer"}
+    n = 0
+    for kind in ra.fragments:
+        assert ra.names(kind) == rb.names(kind)
+        for name in ra.names(kind):
+            assert torch.equal(ra.read(kind, name), rb.read(kind, name)), (kind, name)
+            n += 1
+    assert n > 100
+    sa, sb = (json.loads((p / "trainer.json").read_text()) for p in (a, b))
+    assert sa["loader"] == sb["loader"] and sa["adam_step"] == sb["adam_step"] == adam_steps
+    assert (sa["step"], sa["tokens_seen"]) == (sb["step"], sb["tokens_seen"])
+
+
+# bf16 runs (tests/distributed/test_bf16.py): the parity settings in bf16, 12 steps, resumed from
+# step 6. Each layout injects a NaN loss at step 2, a NaN gradient at step 3 (each on one rank
+# where there are several: a data-parallel peer, and a last-stage rank whose NaN flows back to the
+# first stage) and a ×20 loss at step 5 that the spike detector (window 4, warmed up after 2
+# accepted steps) must skip: the same steps are skipped in every layout, so the trajectories stay
+# comparable.
+WORKER_BF16 = ROOT / "tests" / "distributed" / "bf16_worker.py"
+BF16_STEPS, BF16_RESUME = 12, 6
+BF16 = ["trainer.dtype=bf16", "trainer.spike.window=4", "trainer.spike.warmup=2", "trainer.spike.k=3",
+        "trainer.spike.min_rise=0.05"]
+BF16_SKIPS = {2: "non-finite loss", 3: "non-finite gradient", 5: "loss spike"}
+# Layout → (processes, overrides, MOEFORGE_FAULTS). Pipe-major ranks: pp2_ep2's last stage is ranks 2, 3.
+BF16_LAYOUTS = {
+    "single": (1, [], "nan_loss@2,nan_grad@3,spike@5"),
+    "dp2_zero2": (2, ["parallel.zero_stage=2"], "nan_loss@2:1,nan_grad@3:0,spike@5"),
+    "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"], "nan_loss@2:3,nan_grad@3:2,spike@5"),
+}

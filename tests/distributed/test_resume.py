@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.state import Reader
-from tests.distributed.runs import BASE, LAYOUTS, ROOT, STEPS, launcher, worker_env
+from tests.distributed.runs import BASE, LAYOUTS, ROOT, STEPS, assert_same_state, launcher, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,21 +44,6 @@ def run_cli(nproc: int, args: list[str], tmp_path: Path, salt: int) -> tuple[sub
     assert r.returncode == 0, r.stderr[-4000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return r, [m for m in map(json.loads, lines) if m["kind"] == "train"]
-
-
-def assert_same_state(a: Path, b: Path) -> None:
-    ra, rb = Reader(a), Reader(b)
-    assert ra.fragments.keys() == rb.fragments.keys() == {"param", "exp_avg", "exp_avg_sq", "buffer"}
-    n = 0
-    for kind in ra.fragments:
-        assert ra.names(kind) == rb.names(kind)
-        for name in ra.names(kind):
-            assert torch.equal(ra.read(kind, name), rb.read(kind, name)), (kind, name)
-            n += 1
-    assert n > 100
-    sa, sb = (json.loads((p / "trainer.json").read_text()) for p in (a, b))
-    assert sa["loader"] == sb["loader"] and sa["adam_step"] == sb["adam_step"] == STEPS
-    assert (sa["step"], sa["tokens_seen"]) == (sb["step"], sb["tokens_seen"])
 
 
 @pytest.mark.parametrize("layout", ["single", "dp2", "ep2", "pp2", "pp2_ep2"])
