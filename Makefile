@@ -37,3 +37,9 @@ smoke: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Wheels a bare GPU image (torch + Triton, Python 3.12, no network) lacks, into .whl/ for
+# launch/gpu_check.sh to install there (docs/gpu.md). Needs a package registry here.
+.PHONY: gpu-wheels
+gpu-wheels: setup
+	PYTHON=$(PY) launch/gpu_wheels.sh

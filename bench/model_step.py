@@ -4,10 +4,15 @@ Both models get the same config, batch, thread count and optimizer (AdamW); the 
 alternated step by step in one process so drift of the machine hits both equally. For
 transformers, every experts implementation it offers is tried and the fastest that trains
 on this device is the baseline. Peak memory is measured per model in a fresh child process
-(peak RSS of the process during two steps; the benchmark runs on the CPU) so the two do not pollute each other.
+during two steps, so the two do not pollute each other: on the CPU the peak RSS of the whole
+process, on CUDA the peak memory torch allocated on the device.
+
+Imports torch, the repository's model/ package and (inside functions) transformers: no
+DeepSpeed, Hydra or YAML library, so it runs on a bare GPU box (bench/gpu_check.py).
 
     python bench/model_step.py                 # smoke preset and a larger CPU config
     python bench/model_step.py --configs smoke --steps 10
+    python bench/model_step.py --device cuda   # both models on the GPU, fp32
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the preset reader beside it, when imported too
 
+from fp8_gemm import load_preset  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from train.config import compose, model_config  # noqa: E402
 
 # A larger CPU config: 8 layers, 64 routed experts top-6, query compression, MTP off
 # (transformers does not train MTP), sequences of 512.
@@ -40,7 +46,7 @@ SHAPES = {"smoke": (8, 256), "large": (4, 512)}  # (micro batch, seq_len)
 
 def build_config(name: str) -> ModelConfig:
     if name == "smoke":
-        cfg = model_config(compose(["model=smoke"]).model)
+        cfg = load_preset("smoke")
         cfg.n_mtp_layers = 0  # transformers' model has no MTP training path: compare like with like
         return cfg.validate()
     return ModelConfig(**LARGE).validate()
@@ -64,7 +70,7 @@ class Runner:
         torch.manual_seed(0)
         self.kind = kind
         self.model = Transformer(cfg) if kind == "moeforge" else hf_model(cfg, experts_impl)
-        self.model.train()
+        self.model.to(batch.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         self.inputs, self.labels = batch[:, :-1], batch[:, 1:]
 
@@ -77,16 +83,20 @@ class Runner:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # waits for the device: the callers time whole steps
 
 
 def fastest_hf_impl(cfg: ModelConfig, batch: torch.Tensor) -> tuple[str, dict[str, str]]:
     """Try every experts implementation transformers offers; keep the fastest that trains here."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        impls = list(ALL_EXPERTS_FUNCTIONS)
+    except ImportError:  # a transformers without the registry (a GPU image's own version): eager only
+        impls = []
 
     notes, best = {}, None
     copies = batch[:, :-1].numel() * cfg.n_activated_experts
-    for impl in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]:
+    for impl in ["eager", *impls]:
         # batched_mm gathers one (2F, D) weight matrix per token copy: skip it where that
         # alone would take more than 2 GiB (it is the slowest by far where it fits).
         gathered = copies * 3 * cfg.dim * cfg.moe_inter_dim * 4  # float32 bytes
@@ -105,33 +115,44 @@ def fastest_hf_impl(cfg: ModelConfig, batch: torch.Tensor) -> tuple[str, dict[st
         notes[impl] = f"{dt * 1e3:.0f} ms/step"
         if best is None or dt < best[1]:
             best = (impl, dt)
+    if best is None:
+        raise RuntimeError(f"no transformers experts implementation trains on {batch.device}: {notes}")
     return best[0], notes
 
 
-def peak_memory_child(kind: str, config: str, impl: str, steps: int) -> float:
+def make_batch(cfg: ModelConfig, config: str, device: str) -> torch.Tensor:
+    B, T = SHAPES[config]  # drawn on the CPU: the same tokens on every device
+    return torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def peak_memory_child(kind: str, config: str, impl: str, steps: int, device: str) -> float:
     """Peak memory (MiB) of `steps` training steps of one model in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--memory-child", kind, config, impl, str(steps)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--device", device, "--memory-child", kind, config, impl,
+                          str(steps)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_child(kind: str, config: str, impl: str, steps: int) -> None:
+def memory_child(kind: str, config: str, impl: str, steps: int, device: str) -> None:
     cfg = build_config(config)
-    B, T = SHAPES[config]
-    batch = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    runner = Runner(kind, cfg, batch, impl)
+    runner = Runner(kind, cfg, make_batch(cfg, config, device), impl)
     runner.step()  # optimizer state now exists
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
     for _ in range(steps):
         runner.step()
+    if device == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+        return
     status = Path("/proc/self/status").read_text()
     print(int(status.split("VmHWM:")[1].split()[0]) / 1024)  # kB → MiB, peak RSS of the whole process
 
 
-def run(config: str, steps: int, warmup: int) -> dict:
+def run(config: str, steps: int, warmup: int, device: str) -> dict:
     cfg = build_config(config)
+    batch = make_batch(cfg, config, device)
     B, T = SHAPES[config]
-    batch = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     impl, notes = fastest_hf_impl(cfg, batch)
     ours, theirs = Runner("moeforge", cfg, batch), Runner("hf", cfg, batch, impl)
     for _ in range(warmup):
@@ -147,11 +168,11 @@ def run(config: str, steps: int, warmup: int) -> dict:
         t_hf.append(time.perf_counter() - t0)
     tokens = B * T
     res = {
-        "config": config, "tokens_per_step": tokens, "threads": torch.get_num_threads(), "hf_experts": impl,
-        "hf_impls": notes,
+        "config": config, "device": device, "tokens_per_step": tokens, "threads": torch.get_num_threads(),
+        "hf_experts": impl, "hf_impls": notes,
         "ours_tok_s": tokens / statistics.median(t_ours), "hf_tok_s": tokens / statistics.median(t_hf),
-        "ours_peak_mib": peak_memory_child("moeforge", config, impl, 2),
-        "hf_peak_mib": peak_memory_child("hf", config, impl, 2),
+        "ours_peak_mib": peak_memory_child("moeforge", config, impl, 2, device),
+        "hf_peak_mib": peak_memory_child("hf", config, impl, 2, device),
     }
     res["ratio"] = res["ours_tok_s"] / res["hf_tok_s"]
     return res
@@ -163,15 +184,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where both models run (peak memory: process RSS on cpu, device allocations on cuda)")
     ap.add_argument("--json", type=str, default="", help="also write the results to this file")
     ap.add_argument("--memory-child", nargs=4, metavar=("KIND", "CONFIG", "IMPL", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         kind, config, impl, steps = args.memory_child
-        memory_child(kind, config, impl, int(steps))
+        memory_child(kind, config, impl, int(steps), args.device)
         return
-    rows = [run(c, args.steps, args.warmup) for c in args.configs]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA device visible to torch")
+    rows = [run(c, args.steps, args.warmup, args.device) for c in args.configs]
+    print(f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + f", torch {torch.__version__}, fp32, median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'config':<8}{'tokens/step':>12}{'moeforge tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}"
           f"{'ours peak MiB':>15}{'hf peak MiB':>13}  hf experts")
     for r in rows:

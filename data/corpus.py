@@ -160,10 +160,16 @@ class Source:
                 yield text.encode("utf-8"), len(text)
 
     def _stream(self, file: Path | None) -> Iterator[str]:
-        import datasets
+        where = str(file) if file is not None else f"input={self.spec}"
+        # Imported here, not at the top: the stdlib corpus and prepared shards need no `datasets`,
+        # and a GPU image without it must still prepare the smoke corpus and train.
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{where}: reading files and hub datasets needs the `datasets` package "
+                            "(pip install datasets); input=stdlib does not") from None
 
         datasets.disable_progress_bars()
-        where = str(file) if file is not None else f"input={self.spec}"
         try:
             if file is None:
                 ds = datasets.load_dataset(self.spec, self.hub_config or None, split=self.hub_split, streaming=True)

@@ -55,6 +55,7 @@ def test_memory_stats_on_cpu_report_resident_set_and_its_peak():
     block.close()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_memory_stats_on_cuda_report_the_allocator():
     x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
