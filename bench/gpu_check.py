@@ -321,6 +321,11 @@ def _short(figures: dict) -> str:
         if k in figures:
             v = figures[k]
             parts.append(f"{k} {v:,.0f}" if k == "tokens_per_s" and isinstance(v, float) else f"{k} {v}")
+    for row in figures.get("rows", []):
+        if isinstance(row.get("ratio"), (int, float)):
+            parts.append(f"{row.get('config')}: moeforge/transformers tok/s {row['ratio']:.2f}")
+    if figures.get("table"):
+        parts.append(f"{figures['table'].count(chr(10)) - 3} table rows, below")
     return ", ".join(parts).replace("|", "/")
 
 

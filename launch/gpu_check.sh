@@ -6,7 +6,7 @@
 # built elsewhere) and those packages do not import, they are installed into a private folder
 # first and put on PYTHONPATH; nothing else on the machine changes.
 #
-#   launch/gpu_check.sh --out results/              # ~5 min on one H200; exit 0 = every step passed
+#   launch/gpu_check.sh --out results/              # ~5 min (estimated) on one GPU; exit 0 = all passed
 #   launch/gpu_check.sh --dry-run                   # the steps and their commands only
 #   PYTHON=/opt/venv/bin/python launch/gpu_check.sh --steps env smoke_bf16 --out results/
 #
