@@ -1,9 +1,12 @@
 """Transformer Engine backend (fp8.backend=te): modules, recipes, capability checks.
 
 Imported only when the backend is chosen; written against TE's documented PyTorch API
-(`transformer_engine.pytorch.Linear`, `GroupedLinear`, `fp8_autocast`, and the recipes of
-`transformer_engine.common.recipe`). It cannot run on machines without CUDA and TE, so it is
-exercised by the GPU tests only (tests/unit/test_fp8.py skips them elsewhere, with a reason).
+(`transformer_engine.pytorch.Linear`, `GroupedLinear`, `autocast` / `fp8_autocast`, and the
+recipes of `transformer_engine.common.recipe`). TE's numerics need CUDA and TE: the gpu-marked
+tests check them (tests/unit/test_fp8.py). Every line of this file also runs on the CPU in the
+suite through a stand-in of that API (tests/te_standin: TE's signatures, parameter names,
+device default, init and `_extra_state`, with the emulated FP8 GEMMs), which `check` admits on
+a CPU because it carries a marker attribute.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def make_recipe(recipe: str, amax_history_len: int = 1024):
 
 
 # TE's FP8 GEMM needs the input's rows (the product of its leading dimensions) to be a multiple
-# of 8 (TE utils.assert_dim_for_fp8_exec, checked in Linear's forward since TE 2.1). MTP depth k
+# of 8 (TE utils.assert_dim_for_fp8_exec, checked in Linear's forward since TE 2.2). MTP depth k
 # runs on B·(T−k) rows — 2·4095 for a batch of two 4096-token sequences — which TE refuses.
 ROW_MULTIPLE = 8
 _LINEAR_CLASSES: dict[type, type] = {}  # te.Linear class → its row-padding subclass
@@ -108,6 +111,10 @@ def autocast(recipe: str, group=None):
     te = import_te()
     if recipe is None:
         return contextlib.nullcontext()
+    # TE 2.9 renamed fp8_autocast(fp8_recipe, fp8_group) to autocast(recipe, amax_reduction_group)
+    # and deprecated the old name; 2.4–2.8 have only the old one.
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=make_recipe(recipe), amax_reduction_group=group)
     return te.fp8_autocast(enabled=True, fp8_recipe=make_recipe(recipe), fp8_group=group)
 
 
@@ -132,8 +139,8 @@ class GroupedExperts:
     A plain object, not a submodule: the TE modules own no parameters, and their FP8 metadata
     (amax histories, scales) is runtime state that TE re-creates, not model state to checkpoint.
     Each expert's rows are zero-padded to the FP8 GEMM's row multiple and the padding dropped
-    after; zero rows add nothing to the weight gradients. Untested here (needs CUDA and TE):
-    tests/unit/test_fp8.py's GPU tests compare it with the emulated grouped experts.
+    after; zero rows add nothing to the weight gradients. tests/unit/test_fp8.py's GPU tests
+    compare it with the emulated grouped experts; the CPU suite runs it through the TE stand-in.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, recipe: str):

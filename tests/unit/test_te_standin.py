@@ -23,6 +23,7 @@ from model import Transformer
 from model.config import ModelConfig
 from model.fp8.gemm import Fp8Spec, fp8_linear, grouped_fp8_linear
 from model.linear import Precision, precision
+from model.moe import Experts
 from parallel.build import build_model
 from parallel.pipeline import BlockPipe, OutputPipe, SharedEmbedding
 from parallel.topology import Groups, Layout
@@ -97,6 +98,87 @@ def test_standin_bites_like_te(te_standin):
         R.DelayedScaling(fp8_format=R.Format.E5M2)
 
 
+def test_te_backend_calls_through_the_standin(te_standin, monkeypatch):
+    """model/fp8/te.py against the stand-in: CPU admitted, recipes by name, both autocast names,
+    MTP's ragged row count padded to TE's FP8 multiple of 8."""
+    import transformer_engine.pytorch as te_mod
+    from transformer_engine.common import recipe as R
+
+    from model.fp8 import te
+
+    te.check("blockwise", torch.device("cpu"))  # the stand-in's marker admits the CPU
+    monkeypatch.delattr(te_standin, "IS_MOEFORGE_TEST_STANDIN")
+    with pytest.raises(Exception, match="needs an NVIDIA GPU"):
+        te.check("blockwise", torch.device("cpu"))
+    kinds = {"blockwise": R.Float8BlockScaling, "current": R.Float8CurrentScaling, "delayed": R.DelayedScaling,
+             "mxfp8": R.MXFP8BlockScaling}
+    from transformer_engine.pytorch import quantization as Q
+
+    for name, kind in kinds.items():
+        with te.autocast(name):
+            assert isinstance(Q.active_recipe(), kind), name
+        assert Q.active_recipe() is None
+    monkeypatch.delattr(te_mod, "autocast")  # TE 2.4–2.8: only fp8_autocast
+    with pytest.warns(DeprecationWarning), te.autocast("current"):
+        assert isinstance(Q.active_recipe(), R.Float8CurrentScaling)
+
+    # B·(T−1) = 126 rows (MTP depth 1): TE refuses them in FP8; the backend's Linear pads to 128.
+    with torch.device("meta"):
+        lin = te.linear(64, 32)
+    assert isinstance(lin, te_mod.Linear) and lin.weight.is_meta
+    lin.to_empty(device="cpu")
+    torch.nn.init.normal_(lin.weight)
+    x = torch.randn(2, 63, 64, requires_grad=True)
+    with te.autocast("current"):
+        y = lin(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_w = lin.weight.detach().clone().requires_grad_()
+    ref = fp8_linear(ref_x, ref_w, Fp8Spec("emulated", "tensorwise"))
+    assert y.shape == (2, 63, 32) and torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(lin.weight.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_te_grouped_experts_through_the_standin_equal_the_emulated_experts(te_standin):
+    """model/fp8/te.py GroupedExperts (te.GroupedLinear per projection, the stacked weights bound as
+    weight{i} views, rows padded per expert to 16) equals the emulated grouped experts with the
+    spec the stand-in gives Float8BlockScaling, in output and every gradient; row counts that are
+    not multiples of 16 and an empty expert included (the GPU test's case, tests/unit/test_fp8.py)."""
+    from model.fp8 import te
+    from model.fp8.grouped import grouped_fp8_swiglu
+
+    sizes = [37, 0, 130, 5, 16]  # 130: two 128-token tiles of the weight gradient, the second padded
+    D, F_ = 128, 64
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(sum(sizes), D, generator=g)
+    ws = [torch.randn(len(sizes), F_, D, generator=g) * 0.05, torch.randn(len(sizes), D, F_, generator=g) * 0.05,
+          torch.randn(len(sizes), F_, D, generator=g) * 0.05]
+    dy = torch.randn(sum(sizes), D, generator=g)
+    experts = te.GroupedExperts(len(sizes), D, F_, "blockwise")
+
+    def run(fn):
+        xx, ww = x.clone().requires_grad_(True), [w.clone().requires_grad_(True) for w in ws]
+        y = fn(xx, ww)
+        y.backward(dy)
+        return [y.detach(), xx.grad, *(w.grad for w in ww)]
+
+    def te_fn(xx, ww):
+        with te.autocast("blockwise"):
+            return experts(xx, sizes, *ww)
+
+    got = run(te_fn)
+    emu = run(lambda xx, ww: grouped_fp8_swiglu(xx, *ww, sizes, Fp8Spec("emulated", "blockwise", pow2=True)))
+    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, emu):
+        assert a is not None, name
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max())
+    assert torch.equal(got[2][1], torch.zeros_like(ws[0][1]))  # the empty expert gets no gradient
+    assert not torch.allclose(got[0], run(lambda xx, ww: grouped_fp8_swiglu(  # FP8 ran: not fp32's output
+        xx, *ww, sizes, Fp8Spec("emulated", "tensorwise")))[0], rtol=1e-3)
+
+
 # ------------------------------------------------------------------ defect 1: init on every backend
 @pytest.fixture
 def nan_after_to_empty(monkeypatch):
@@ -156,8 +238,13 @@ def test_meta_build_initialises_every_backend_like_fp8_off(backend, request, nan
     assert got.keys() == reference.keys()
     for name, t in got.items():
         assert torch.equal(t, reference[name]), name
-    # Expert-parallel rank 1 of 2 holds global experts 8..15, drawn with their global ids' seeds.
+    # Expert-parallel rank 1 of 2 holds global experts 8..15, drawn with their global ids' seeds,
+    # and runs them on the backend's experts (TE's GroupedLinear over its 8 local experts).
     E_l = cfg.n_routed_experts // 2
+    for experts in (m for m in shard.modules() if isinstance(m, Experts)):
+        assert experts.n_experts == E_l and experts.expert_offset == E_l
+        assert (experts.te is not None and experts.te.n_experts == E_l) == (backend == "te")
+        assert (experts.fp8 is not None) == (backend in ("emulated", "torch"))
     for name, t in _tensors(shard).items():
         want = reference[name]
         if ".experts.w" in name:
