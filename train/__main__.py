@@ -69,7 +69,11 @@ def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
     from .faults import EXIT_PREEMPTED
     from .trainer import Preempted, TrainError, resolve_device
 
-    device = resolve_device(cfg.trainer.device)
+    try:
+        device = resolve_device(cfg.trainer.device)
+    except ConfigError as exc:  # trainer.device=cuda on a machine without a visible GPU
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
     import torch.distributed as dist

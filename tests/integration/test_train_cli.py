@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +60,14 @@ def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, d
     r = run_train([f"data.path={dataset}", override, f"hydra.run.dir={run_dir}"], tmp_path)
     assert_user_error(r, needle)
     assert not run_dir.exists()  # failed before any output was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: trainer.device=cuda is valid here")
+def test_cuda_device_without_a_gpu_is_one_line(tmp_path, dataset):
+    run_dir = tmp_path / "run"
+    r = run_train([f"data.path={dataset}", "trainer.device=cuda", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert_user_error(r, "trainer.device=cuda: no CUDA device is visible")
+    assert not run_dir.exists()
 
 
 def test_data_path_without_manifest_is_named(tmp_path):
