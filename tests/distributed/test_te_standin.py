@@ -35,7 +35,8 @@ from tests.distributed.runs import BASE, ROOT, launcher, worker_env
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-SETTINGS = BASE + ["trainer.log_interval=1", "model.n_mtp_layers=1", "fp8=te", "fp8.recipe=delayed", f"trainer.max_steps={STEPS}"]
+SETTINGS = BASE + ["trainer.log_interval=1", "model.n_mtp_layers=1", "fp8=te", "fp8.recipe=delayed",
+                   f"trainer.max_steps={STEPS}"]
 
 
 def rel(a: float, b: float) -> float:

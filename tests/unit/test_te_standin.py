@@ -90,10 +90,17 @@ def test_standin_bites_like_te(te_standin):
 
     # Delayed scaling: `_extra_state` becomes a pickle after the first FP8 forward (its size changes).
     lin2 = te.Linear(32, 16, bias=False, device="cpu")
+    assert lin2.state_dict()["_extra_state"].numel() == 0
     with te.autocast(recipe=R.DelayedScaling(amax_history_len=4)):
         lin2(torch.randn(8, 32))
     state = lin2.state_dict()["_extra_state"]
     assert state.numel() > 0 and isinstance(pickle.loads(state.numpy().tobytes())["recipe"], R.DelayedScaling)
+    lin3 = te.Linear(32, 16, bias=False, device="cpu")
+    lin3.load_state_dict(lin2.state_dict())  # set_extra_state restores the metadata
+    a, b = (pickle.loads(t.numpy().tobytes()) for t in (lin3.state_dict()["_extra_state"], state))
+    assert a["recipe"] == b["recipe"] and torch.equal(a["amax_history_fwd"], b["amax_history_fwd"])
+    assert b["amax_history_fwd"].shape == (4, 3) and b["amax_history_fwd"][0, :2].gt(0).all()
+    assert torch.equal(lin3.weight, lin2.weight)
     with pytest.raises(AssertionError, match="E5M2"):
         R.DelayedScaling(fp8_format=R.Format.E5M2)
 

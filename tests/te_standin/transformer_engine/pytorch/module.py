@@ -65,7 +65,7 @@ class TransformerEngineBaseModule(torch.nn.Module):
         self.fp8 = False  # ran in an enabled autocast (TE sets it in prepare_forward)
         self.fp8_meta: dict = {"fp8_checkpoint": False}
         self._init_fns: dict[str, Callable] = {}
-        self._amax_history: Optional[torch.Tensor] = None  # delayed scaling only
+        self._amax_history: Optional[dict] = None  # delayed scaling only: {"fwd", "bwd"} → (history, slots)
 
     def _register(self, name: str, shape: tuple, device, dtype, init_fn: Callable) -> None:
         self.register_parameter(name, torch.nn.Parameter(torch.empty(*shape, device=device, dtype=dtype)))
@@ -87,26 +87,36 @@ class TransformerEngineBaseModule(torch.nn.Module):
         self.fp8 = True
         self.fp8_meta["recipe"] = recipe
         if recipe.delayed():
-            n = 3 * num_gemms  # TE's forward slots per GEMM: input, weight, output
-            if self._amax_history is None or self._amax_history.shape != (recipe.amax_history_len, n):
-                self._amax_history = torch.zeros(recipe.amax_history_len, n)
-                self._scale = torch.ones(n)
+            # TE's delayed-scaling metadata: per GEMM 3 forward slots (input, weight, output) and
+            # 2 backward slots (grad output, grad input), each with an amax history and a scale.
+            shapes = {"fwd": 3 * num_gemms, "bwd": 2 * num_gemms}
+            if self._amax_history is None or self._amax_history["fwd"].shape != (recipe.amax_history_len,
+                                                                                  shapes["fwd"]):
+                self._amax_history = {k: torch.zeros(recipe.amax_history_len, n) for k, n in shapes.items()}
+                self._scale = {k: torch.ones(n) for k, n in shapes.items()}
         return Q.emulation_spec(recipe)
 
-    def _record_amax(self, slot: int, t: torch.Tensor) -> None:
-        if self._amax_history is not None and self.fp8_meta.get("recipe") is not None \
-                and self.fp8_meta["recipe"].delayed():
-            with torch.no_grad():
-                self._amax_history = torch.roll(self._amax_history, 1, 0)
-                self._amax_history[0, slot] = t.detach().abs().amax().float().cpu()
+    def _record_amaxes(self, *tensors: torch.Tensor) -> None:
+        """Delayed scaling only: this forward's amaxes of its first forward slots, newest row first
+        (bookkeeping for `_extra_state`; the emulated scales come from the current amax)."""
+        recipe = self.fp8_meta.get("recipe")
+        if self._amax_history is None or recipe is None or not recipe.delayed():
+            return
+        with torch.no_grad():
+            hist = torch.roll(self._amax_history["fwd"], 1, 0)
+            for slot, t in enumerate(tensors):
+                hist[0, slot] = t.detach().abs().amax().float().cpu() if t.numel() else 0.0
+            self._amax_history["fwd"] = hist
 
     def get_extra_state(self) -> torch.Tensor:
         """TE's checkpointed FP8 metadata: empty unless the module ran FP8 with delayed scaling."""
         recipe = self.fp8_meta.get("recipe")
         if not (self.fp8 or self.fp8_meta["fp8_checkpoint"]) or recipe is None or not recipe.delayed():
             return torch.empty(0, dtype=torch.uint8)
-        state = {"recipe": recipe, "scale_fwd": self._scale.clone(), "amax_history_fwd": self._amax_history.clone(),
-                 "extra_fp8_variables": {"fp8_checkpoint": True}}
+        state = {"recipe": recipe, "extra_fp8_variables": {"fp8_checkpoint": True}}
+        for k in ("fwd", "bwd"):
+            state[f"scale_{k}"] = self._scale[k].clone()
+            state[f"amax_history_{k}"] = self._amax_history[k].clone()
         return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
@@ -122,8 +132,8 @@ class TransformerEngineBaseModule(torch.nn.Module):
             raise RuntimeError("Unsupported checkpoint format.")
         self.fp8_meta.update(state["extra_fp8_variables"])
         self.fp8_meta["recipe"] = state["recipe"]
-        self._scale = state["scale_fwd"].clone()
-        self._amax_history = state["amax_history_fwd"].clone()
+        self._scale = {k: state[f"scale_{k}"].clone() for k in ("fwd", "bwd")}
+        self._amax_history = {k: state[f"amax_history_{k}"].clone() for k in ("fwd", "bwd")}
 
 
 class Linear(TransformerEngineBaseModule):
@@ -168,8 +178,7 @@ class Linear(TransformerEngineBaseModule):
             out = F.linear(inp, self.weight.to(inp.dtype))
         else:
             _check_fp8_dims(inp, self.weight)
-            self._record_amax(0, inp)
-            self._record_amax(1, self.weight)
+            self._record_amaxes(inp, self.weight)
             out = fp8_linear(inp, self.weight.to(inp.dtype), spec)
         return out + self.bias.to(out.dtype) if self.use_bias else out
 
@@ -238,7 +247,7 @@ class GroupedLinear(TransformerEngineBaseModule):
             if any(n % align for n in splits):
                 raise ValueError(f"FP8 grouped GEMM: every m_split must be a multiple of {align} "
                                  f"(pad with Fp8Padding), got {splits}")
-            self._record_amax(0, x)
+            self._record_amaxes(x)
             y = grouped_fp8_linear(x, w, splits, spec)
         if self.use_bias:
             y = y + torch.repeat_interleave(torch.stack([getattr(self, f"bias{i}") for i in range(self.num_gemms)]),
