@@ -278,3 +278,21 @@ def test_pipeline_stage_layers_initialise_every_backend_like_fp8_off(backend, re
     assert got.keys() == {n for n in reference if not n.startswith("rope_")}
     for name, t in got.items():
         assert torch.equal(t, reference[name]), name
+
+
+def test_te_671b_builds_on_meta_without_te_initialising_anything(te_standin, monkeypatch):
+    """The 671B model under fp8=te built as parallel/build.py builds it: every parameter on meta
+    (TE's device="cuda" default would put ~683B parameters in GPU memory) and TE's own init never
+    run (it would draw them all)."""
+    from transformer_engine.pytorch.module import TransformerEngineBaseModule
+
+    calls = []
+    original = TransformerEngineBaseModule.reset_parameters
+    monkeypatch.setattr(TransformerEngineBaseModule, "reset_parameters",
+                        lambda self, defer_init=False: (calls.append(defer_init), original(self, defer_init))[1])
+    cfg = model_config(compose(["model=671b"]).model)
+    with precision(BACKENDS["te"]), torch.device("meta"):
+        model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 600e9
+    assert all(p.is_meta for p in model.parameters())
+    assert calls and all(calls)  # TE modules were built, every one with its init deferred
