@@ -16,11 +16,13 @@ moeforge's DeepSpeed setup actually holds (checked against the trainer in
 tests/integration/test_plan_cli.py):
 
 - weights and `.grad` in the compute dtype, full size (ZeRO-2 frees `.grad` into partitions);
-- with ZeRO ≥ 1 or a BF16 run, DeepSpeed's FP32 master partition (ZeRO-1/2 copy even FP32
-  weights into their flat partition) and an FP32 copy of the gradient partition of the
-  parameter group being updated — one group at a time, measured, where DeepSpeed's own
-  estimator books all groups at once; an FP32 run without ZeRO has neither — the weights are
-  the master;
+- FP32 with ZeRO ≥ 1: DeepSpeed's FP32 master partition (ZeRO-1/2 copy even FP32 weights into
+  their flat partition) and an FP32 copy of the gradient partition of the parameter group
+  being updated — one group at a time, measured, where DeepSpeed's own estimator books all
+  groups at once; an FP32 run without ZeRO has neither — the weights are the master;
+- BF16 (FP32 gradient accumulation, parallel/engine.py): at ZeRO 0 or 1 DeepSpeed's
+  BF16_Optimizer, an FP32 master partition and full-size FP32 gradient accumulators beside the
+  BF16 `.grad`; at ZeRO-2 FP32 master and gradient partitions (`.grad` freed into them);
 - two Adam moments in `moments` precision (FP32 in moeforge's AdamW; DeepSeek-V3 §3.3 kept
   them in BF16), partitioned like the master;
 - dense (non-expert) states shard over dp, expert states over the expert-data-parallel group
@@ -232,6 +234,10 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
     b = s.act_bytes
     m = max(1, s.grad_accum)
     zero = s.effective_zero
+    # bf16 at ZeRO stage 0 or 1 runs DeepSpeed's BF16_Optimizer (parallel/engine.py), partitioned like ZeRO-1
+    bf16_optimizer = b == 2 and zero <= 1
+    if bf16_optimizer:
+        zero = 1
     mb = 2 if s.moments == "bf16" else 4
     gpn = cluster.gpus_per_node
     bounds = s.stage_bounds or [0, cfg.n_layers]
@@ -261,15 +267,18 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
         p.weights = b * (dense + expert)
         p.grads = b * (dense / (s.dp if zero == 2 else 1) + expert / (s.edp if zero == 2 else 1))
         opt_side = dense / dshard + expert / eshard
-        if zero >= 1:
+        if bf16_optimizer:  # full-size FP32 gradient accumulators beside the bf16 .grad (measured)
+            p.master = 4 * opt_side
+            p.grads += 4 * (dense + expert)
+        elif b == 2:  # bf16 ZeRO-2: FP32 gradient partitions; .grad is freed into them (measured)
+            p.master = 4 * opt_side
+            p.grads = 4 * opt_side
+        elif zero >= 1:
             p.master = 4 * opt_side
             # ZeRO-1/2 step one parameter group at a time, each with an FP32 copy of its gradient
             # partition: the larger of the dense and the expert partitions is alive at the peak
             # (measured: tests/integration/test_plan_cli.py).
             p.grads += 4 * max(dense / dshard, expert / eshard)
-        elif b != 4:  # BF16 without ZeRO: FP32 master weights and FP32 gradient accumulation
-            p.master = 4 * opt_side
-            p.grads += 4 * opt_side
         p.moments = 2 * mb * opt_side
         # --- activations: micro-batches in flight on this stage under 1F1B
         in_flight = min(m, s.pp - st)

@@ -44,13 +44,19 @@ def test_bubble_and_in_flight_activations(cfg):
 
 def test_zero_stages_shard_what_they_should(cfg):
     base = setup_of(cfg, 32, "fp32", pp=1, ep=8)
-    z1 = plan(cfg.model, cfg.cluster, dataclasses.replace(base, zero_stage=1)).stages[0]
-    z2 = plan(cfg.model, cfg.cluster, dataclasses.replace(base, zero_stage=2)).stages[0]
-    z0 = plan(cfg.model, cfg.cluster, dataclasses.replace(base, zero_stage=0)).stages[0]
+    fp32 = dataclasses.replace(base, dtype="fp32")
+    z1 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=1)).stages[0]
+    z2 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=2)).stages[0]
+    z0 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=0)).stages[0]
     assert z1.weights == z2.weights == z0.weights
     assert z1.moments == z2.moments < z0.moments / 3  # dense over dp 32, experts over dp/ep 4
     assert z2.grads < z1.grads
-    bf16 = plan(cfg.model, cfg.cluster, dataclasses.replace(base, zero_stage=1, moments="bf16")).stages[0]
+    # bf16: stages 0 and 1 are both DeepSpeed's BF16_Optimizer (partitioned, full-size fp32
+    # gradient accumulators); ZeRO-2 keeps only fp32 gradient partitions.
+    b0, b1, b2 = (plan(cfg.model, cfg.cluster, dataclasses.replace(base, dtype="bf16", zero_stage=z)).stages[0]
+                  for z in (0, 1, 2))
+    assert b0 == b1 and b1.moments == z1.moments and b2.grads < b1.grads / 3
+    bf16 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=1, moments="bf16")).stages[0]
     assert math.isclose(bf16.moments, z1.moments / 2)
     # the experts are sharded over ep, the rest replicated: parameters per GPU add up to the model
     m = cfg.model
