@@ -9,7 +9,8 @@ cover DeepSpeed's two bf16 optimizers and both branches of the step guard:
 - dp2_zero2: dp=2 at ZeRO-2 → DeepSpeedZeroOptimizer (the `has_overflow` branch);
 - pp2_ep2: pp=2 × dp=2 × ep=2 at ZeRO-1 → BF16_Optimizer under the pipeline engine.
 Each run happens once per module (tests/distributed/bf16_worker.py, in-process Trainer); the
-resumed legs are new processes started from the step-6 checkpoint.
+resumed legs are new processes started from the step-6 checkpoint. Last, train.plan's bf16 model
+states against what the trainer allocates.
 """
 
 from __future__ import annotations
