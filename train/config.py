@@ -83,7 +83,7 @@ class TrainerConfig:
 
 
 FP8_RECIPES = {"te": ("blockwise", "current", "delayed", "mxfp8"), "torch": ("tensorwise", "rowwise"),
-               "emulated": ("blockwise", "tensorwise", "rowwise")}
+               "emulated": ("blockwise", "tensorwise", "rowwise", "grad_blocks", "e5m2_forward", "amax_floor")}  # the last three: negative controls
 
 
 @dataclass

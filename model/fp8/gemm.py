@@ -48,7 +48,43 @@ RECIPES = {
     "blockwise": (("tile", "block"), ("tile", "block"), ("tile", "tile")),
     "rowwise": (("row", "row"),) * 3,
     "tensorwise": (("tensor", "tensor"),) * 3,
+    # DeepSeek-V3's ablation (report §3.3.1): activation gradients in 128×128 blocks, as weights,
+    # made a 16B MoE diverge. Emulated only, for negative controls of training comparisons
+    # (tests/integration/test_fp8_training.py): not a recipe to train with.
+    "grad_blocks": (("tile", "block"), ("act_block", "block"), ("act_block", "tile")),
+    # The forward's operands on E5M2 (2 mantissa bits, max 57344) in blockwise groups, the
+    # backward as blockwise: another negative control (E5M2 is a gradient format).
+    "e5m2_forward": (("e5m2_tile", "e5m2_block"), ("tile", "block"), ("tile", "tile")),
+    # Blockwise with DeepSeek's inference act_quant floor (amax ≥ 1e-4) on every operand, the
+    # defect this path once had: it flushes small gradients. A negative control.
+    "amax_floor": (("tile", "block"), ("tile", "block"), ("tile", "tile")),
 }
+FLOORS = {"amax_floor": 1e-4}
+
+
+def _floor(spec: "Fp8Spec") -> float:
+    return FLOORS.get(spec.recipe, 0.0)
+E5M2_MAX = 57344.0
+
+
+def _fake_e5m2(t: torch.Tensor, block: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """t (…, R, C) fake-quantised to E5M2 in float32: groups of `block` along the last dim
+    (dims=(-1,): 1×128 tiles) or `block`×`block` blocks (dims=(-2, -1))."""
+    x = t.float()
+    shape = x.shape
+    for d in dims:
+        x, _ = _fit(x, x.dim() + d, block)
+    padded = x.shape
+    if dims == (-1,):
+        g = x.view(*padded[:-1], -1, min(block, shape[-1]))
+        amax = g.abs().amax(dim=-1, keepdim=True)
+    else:
+        br, bc = min(block, shape[-2]), min(block, shape[-1])
+        g = x.view(*padded[:-2], padded[-2] // br, br, padded[-1] // bc, bc)
+        amax = g.abs().amax(dim=(-3, -1), keepdim=True)
+    s = torch.where(amax > 0, amax / E5M2_MAX, torch.ones_like(amax))
+    q = ((g / s).to(torch.float8_e5m2).float() * s).view(padded)
+    return q[..., :shape[-2], :shape[-1]] if dims != (-1,) else q[..., :shape[-1]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +115,8 @@ class Quantised:
             return (xp.view(-1, b, C) * self.scale).view(-1, C)[:M].to(dtype)
         if self.granularity == "tile" and self.scale.dim() == 3:
             return dequantize(self.q, self.scale, "tile", self.block, dtype)
+        if self.granularity == "act_block":
+            return dequantize(self.q, self.scale, "block", self.block, dtype)
         if self.granularity == "block":
             return _dequant_blocks(self.q, self.scale, self.block, dtype)
         return (e4m3_to_float(self.q) * self.scale).to(dtype)
@@ -112,12 +150,15 @@ def _segment_amax(a: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def quant_along_columns(a: torch.Tensor, granularity: str, sizes: list[int], spec: Fp8Spec) -> Quantised:
     """a (M, K), rows in segments, quantised along K (the forward and data-gradient activations)."""
     if granularity in ("tile", "row"):  # no group crosses a row: one call for every segment
-        q, s = quantize(a, granularity, spec.block, spec.pow2, as_e4m3=_real(spec))  # tile (M, K/b, 1), row (M, 1)
+        q, s = quantize(a, granularity, spec.block, spec.pow2, as_e4m3=_real(spec), floor=_floor(spec))  # tile (M, K/b, 1), row (M, 1)
         return Quantised(q, s, granularity, spec.block)
+    if granularity == "act_block":  # 128×128 blocks over the whole operand (grad_blocks control)
+        q, s = quantize(a, "block", spec.block, spec.pow2, as_e4m3=_real(spec), floor=_floor(spec))
+        return Quantised(q, s, "act_block", spec.block)
     if granularity == "tensor":  # one scale per segment
         lengths = [n for n in sizes if n]
         amax = _segment_amax(a.float(), lengths).amax(dim=1, keepdim=True)  # (G, 1)
-        s = torch.repeat_interleave(scales_of(amax, spec.pow2), _lengths(lengths, a), dim=0)  # (M, 1)
+        s = torch.repeat_interleave(scales_of(amax, spec.pow2, _floor(spec)), _lengths(lengths, a), dim=0)  # (M, 1)
         return Quantised(_to_grid(a.float() / s, _real(spec)), s, granularity)
     raise ValueError(f"fp8: activation granularity {granularity!r} is not tile, row or tensor")
 
@@ -131,13 +172,13 @@ def quant_weights(w: torch.Tensor, granularity: str, spec: Fp8Spec) -> Quantised
         xp, bc = _fit(xp, 2, spec.block)
         Rp, Cp = xp.shape[1:]
         blocks = xp.view(E, Rp // br, br, Cp // bc, bc)  # (E, R/b, b, C/b, b)
-        s = scales_of(blocks.abs().amax(dim=(2, 4), keepdim=True), spec.pow2)  # (E, R/b, 1, C/b, 1)
+        s = scales_of(blocks.abs().amax(dim=(2, 4), keepdim=True), spec.pow2, _floor(spec))  # (E, R/b, 1, C/b, 1)
         q = _to_grid(blocks / s, _real(spec)).view(E, Rp, Cp)[:, :R, :C]
         return Quantised(q, s, granularity, spec.block)
     if granularity == "row":
-        s = scales_of(x.abs().amax(dim=2, keepdim=True), spec.pow2)  # (E, R, 1)
+        s = scales_of(x.abs().amax(dim=2, keepdim=True), spec.pow2, _floor(spec))  # (E, R, 1)
     elif granularity == "tensor":
-        s = scales_of(x.abs().amax(dim=(1, 2), keepdim=True), spec.pow2)  # (E, 1, 1)
+        s = scales_of(x.abs().amax(dim=(1, 2), keepdim=True), spec.pow2, _floor(spec))  # (E, 1, 1)
     else:
         raise ValueError(f"fp8: weight granularity {granularity!r} is not block, row or tensor")
     return Quantised(_to_grid(x / s, _real(spec)), s, granularity)
@@ -148,11 +189,13 @@ def quant_along_rows(a: torch.Tensor, granularity: str, sizes: list[int], spec: 
     reduction dimension is the segment's tokens): tiles of `block` tokens restarting at each
     segment start, one scale per segment and column (a row of aᵀ), or one per segment."""
     x = a.float()
+    if granularity == "act_block":  # a block's amax does not depend on the orientation
+        return quant_along_columns(a, granularity, sizes, spec)
     if granularity == "tile" and sum(1 for n in sizes if n) == 1:  # one segment (a plain linear): views
         M, C = x.shape
         xp, b = _fit(x, 0, spec.block)
         tiles = xp.view(-1, b, C)  # (M/b, b, C)
-        s = scales_of(tiles.abs().amax(dim=1, keepdim=True), spec.pow2)  # (M/b, 1, C)
+        s = scales_of(tiles.abs().amax(dim=1, keepdim=True), spec.pow2, _floor(spec))  # (M/b, 1, C)
         return Quantised(_to_grid(tiles / s, _real(spec)).view(-1, C)[:M], s, "token_tile", spec.block)
     if granularity == "tile":
         lengths = [min(spec.block, n - t) for n in sizes for t in range(0, n, spec.block)]
@@ -163,7 +206,7 @@ def quant_along_rows(a: torch.Tensor, granularity: str, sizes: list[int], spec: 
     amax = _segment_amax(x, lengths)  # (G, C)
     if granularity == "tensor":
         amax = amax.amax(dim=1, keepdim=True)  # (G, 1)
-    s = torch.repeat_interleave(scales_of(amax, spec.pow2), _lengths(lengths, a), dim=0)  # (M, C | 1)
+    s = torch.repeat_interleave(scales_of(amax, spec.pow2, _floor(spec)), _lengths(lengths, a), dim=0)  # (M, C | 1)
     return Quantised(_to_grid(x / s, _real(spec)), s, granularity)
 
 
@@ -234,6 +277,13 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
             ctx.qw = None
             return x.new_zeros(0, w.size(1))
         (gx, gw), (_, g_w), _ = RECIPES[spec.recipe]
+        if gx == "e5m2_tile":  # the e5m2_forward control: fake-quantised operands, float32 GEMMs
+            ctx.qw = None
+            a, wd = _fake_e5m2(x, spec.block, (-1,)), _fake_e5m2(w, spec.block, (-2, -1))
+            out = torch.empty(x.size(0), w.size(1), dtype=torch.float32, device=x.device)
+            for e, s, n in _starts(sizes):
+                torch.mm(a[s:s + n], wd[e].t(), out=out[s:s + n])
+            return out.to(x.dtype)
         qw = quant_weights(w, gw, spec)
         # The data gradient reuses the weight's blocks / tensor scales, transposed (see above).
         ctx.qw = qw if g_w == gw and gw in ("block", "tensor") else None

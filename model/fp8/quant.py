@@ -46,13 +46,14 @@ def _fit(t: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, int]:
     return _pad_to(t, dim, b), b
 
 
-def scales_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+def scales_of(amax: torch.Tensor, pow2: bool, floor: float = 0.0) -> torch.Tensor:
     """amax → the float32 scale that maps it to E4M3_MAX; 1 for an all-zero group.
 
     amax / 448 stays a normal float32 down to amax ~5e-36 (then divisions by it lose bits, still
     finite); a non-finite amax gives a non-finite scale, so a NaN or inf gradient stays visible
-    to the step guard instead of being quantised into finite values."""
-    amax = amax.float()
+    to the step guard instead of being quantised into finite values. `floor` > 0 is the old
+    DeepSeek-inference floor, kept only for the `amax_floor` negative control (gemm.py)."""
+    amax = amax.float() if not floor else amax.float().clamp(min=floor)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -77,7 +78,8 @@ def _to_grid(v: torch.Tensor, as_e4m3: bool) -> torch.Tensor:
     return v.to(E4M3) if as_e4m3 else round_to_e4m3(v)
 
 
-def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = False, as_e4m3: bool = True):
+def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = False, as_e4m3: bool = True,
+             floor: float = 0.0):
     """2-D t (outer, reduce) → (q of t's shape, float32 scales in the granularity's grouped layout).
 
     q is an E4M3 tensor, or with as_e4m3=False the same values in float32 (the emulated backend,
@@ -87,15 +89,15 @@ def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = F
     R, C = t.shape
     x = t.float()
     if granularity == "tensor":
-        scale = scales_of(x.abs().amax(), pow2)
+        scale = scales_of(x.abs().amax(), pow2, floor)
         return _to_grid(x / scale, as_e4m3), scale
     if granularity == "row":
-        scale = scales_of(x.abs().amax(dim=1, keepdim=True), pow2)  # (R, 1)
+        scale = scales_of(x.abs().amax(dim=1, keepdim=True), pow2, floor)  # (R, 1)
         return _to_grid(x / scale, as_e4m3), scale
     if granularity == "tile":
         xp, b = _fit(x, 1, block)
         xp = xp.view(R, -1, b)  # (R, C/b, b)
-        scale = scales_of(xp.abs().amax(dim=2, keepdim=True), pow2)  # (R, C/b, 1)
+        scale = scales_of(xp.abs().amax(dim=2, keepdim=True), pow2, floor)  # (R, C/b, 1)
         q = _to_grid(xp / scale, as_e4m3).view(R, -1)[:, :C]
         return q, scale
     if granularity == "block":
@@ -103,7 +105,7 @@ def quantize(t: torch.Tensor, granularity: str, block: int = 128, pow2: bool = F
         xp, bc = _fit(xp, 1, block)
         Rp, Cp = xp.shape
         blocks = xp.view(Rp // br, br, Cp // bc, bc)
-        scale = scales_of(blocks.abs().amax(dim=(1, 3), keepdim=True), pow2)  # (R/b, 1, C/b, 1)
+        scale = scales_of(blocks.abs().amax(dim=(1, 3), keepdim=True), pow2, floor)  # (R/b, 1, C/b, 1)
         q = _to_grid(blocks / scale, as_e4m3).view(Rp, Cp)[:R, :C]
         return q, scale
     raise ValueError(f"quantize: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")

@@ -1,12 +1,10 @@
-"""FP8 training runs: the emulated blockwise recipe against fp32 over 300 steps (CPU, slow
-tier), and Transformer Engine's recipes where TE and a CUDA GPU exist (skipped elsewhere)."""
+"""FP8 training runs: the emulated blockwise recipe against the seed band of fp32 over 300
+steps with a negative control (CPU, slow tier), and Transformer Engine's recipes where TE and
+a CUDA GPU exist (skipped elsewhere)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ import torch
 from test_train_cli import TINY, run_train
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("fp8_train_worker.py")
 
 # The smoke model (every V3 feature on), 64-token sequences, 4 per step in one micro-batch,
 # lr 1e-3 with 20 warm-up steps (300 steps take the loss from 6.0 to ~2.4); the loss-spike
@@ -25,56 +22,49 @@ RUN = ["trainer.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch
        "optim.lr=1e-3", "schedule.warmup_steps=20", "trainer.spike.action=off",
        "logging.wandb.mode=disabled", "logging.progress_bar=false"]
 STEPS, TAIL = 300, 50
-# The issue's target is 0.5% (DeepSeek: < 0.25% at scale). Measured on the 2-core box at this
-# scale: 1.18% (this config; FP8 higher), 2.3% (lr 3e-3; FP8 lower), 3.2% (lr 1e-3 without the
-# expert-bias updates; FP8 higher) — the target is NOT met here, so the test guards the measured
-# level: FP8 must train as well as fp32 to within 4%, which a broken recipe (wrong axis or
-# granularity, unquantised gradients diverging) would exceed. See docs/fp8.md.
-TARGET, BOUND = 0.005, 0.04
+SEEDS = (1, 2, 3)
+CONTROL_SDS = 3.0
 
 
-def train_side_by_side(tmp_path: Path, data: Path, backends: list[str], overrides: list[str],
-                       steps: int = STEPS, timeout: int = 600) -> dict:
-    """One worker process per backend, all at once: each uses one thread, so on CI's two cores
-    the pair takes as long as the slower run, not the sum."""
-    env = {**os.environ, "MOEFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    procs = {}
-    for b in backends:
-        out, log = tmp_path / f"{b}.json", tmp_path / f"{b}.log"
-        with open(log, "w") as f:  # to files, not pipes: a full pipe would stall a worker until its turn
-            procs[b] = (out, log, subprocess.Popen([sys.executable, str(WORKER), str(out), str(data), str(steps), b,
-                                                    *overrides], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
-    results = {}
-    for b, (out, log, p) in procs.items():
-        p.wait(timeout=timeout)
-        assert p.returncode == 0, log.read_text()[-3000:]
-        results.update(json.loads(out.read_text()))
-    return results
+def _load_band():
+    """bench/fp8_band.py (the runner and the summary the benchmark prints), loaded by path."""
+    spec = importlib.util.spec_from_file_location("fp8_band", ROOT / "bench" / "fp8_band.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
+fp8_band = _load_band()
+
+
+def band_runs(tmp_path: Path, data: Path) -> dict:
+    """fp32 and emulated blockwise FP8 at SEEDS, the amax_floor control at the first seed,
+    spread over two single-thread worker processes."""
+    return fp8_band.run_band(data, STEPS, SEEDS, RUN, procs=2, timeout=1200, env={"MOEFORGE_CACHE": str(tmp_path / "cache")})
 
 
 @pytest.mark.slow
-def test_emulated_fp8_training_matches_fp32(tmp_path, dataset, capsys):
-    """DeepSeek-V3's acceptance check at smoke scale: the mean training loss over the last 50 of
-    300 steps with emulated blockwise FP8 (1×128 activation tiles, 128×128 weight blocks, E4M3
-    in all three GEMMs of every projection and routed expert) against the fp32 run on the same
-    data and initialisation; reported against the issue's 0.5%, asserted at BOUND (above)."""
-    runs = train_side_by_side(tmp_path, dataset, ["off", "emulated"], [*RUN, "fp8.recipe=blockwise"])
-    ref, fp8 = runs["off"]["loss"], runs["emulated"]["loss"]
-    assert len(ref) == len(fp8) == STEPS
-    a, b = mean(ref[-TAIL:]), mean(fp8[-TAIL:])
-    rel = abs(b - a) / a
+def test_fp8_training_is_inside_the_fp32_seed_band_and_a_broken_recipe_is_not(tmp_path, dataset, capsys):
+    """Tells FP8 error from noise. The band: fp32's final validation loss at SEEDS (each seed
+    changes the initialisation and the data order; one fixed validation set), mean ± 2 sd. FP8
+    (emulated blockwise: E4M3 in all three GEMMs of every projection and routed expert) at the
+    same seeds must be indistinguishable: its mean inside the band and its mean paired gap (FP8
+    minus fp32 at the same seed) under 2 sd. The negative control — blockwise with the amax
+    floor that once flushed small gradients — must fall outside: above the band and more than
+    CONTROL_SDS sd above its own seed's fp32 run. Measured (bench/RESULTS.md): band 2.464–2.560
+    (sd 0.024), FP8 mean 2.541, mean paired gap +1.2 sd; control +3.6 sd."""
+    results = band_runs(tmp_path, dataset)
+    s = fp8_band.summarise(results, list(SEEDS))
     with capsys.disabled():
-        print(f"\nfp8 emulated blockwise vs fp32, mean loss of the last {TAIL} of {STEPS} steps: "
-              f"{b:.4f} vs {a:.4f}, relative difference {rel:.4%} (target {TARGET:.1%}: "
-              f"{'met' if rel <= TARGET else 'not met'}); "
-              f"run time fp32 {runs['off']['seconds']:.1f} s, fp8 {runs['emulated']['seconds']:.1f} s")
-    assert a < mean(ref[:10]) - 1.0 and b < mean(fp8[:10]) - 1.0  # both learned: a comparison of trained models
-    assert fp8[0] != ref[0] or fp8[1] != ref[1]  # FP8 really ran (quantised GEMMs change the losses)
-    assert rel <= BOUND, (a, b, rel)
+        print("\n" + fp8_band.table(results, list(SEEDS)))
+    for name, r in results.items():
+        assert len(r["loss"]) == STEPS, name
+        assert sum(r["loss"][-TAIL:]) / TAIL < sum(r["loss"][:10]) / 10 - 1.0, name  # every run learned
+    assert results["fp8-1"]["loss"][:2] != results["fp32-1"]["loss"][:2]  # FP8 really ran
+    lo, hi = s["band"]
+    assert lo <= s["fp8_mean"] <= hi, s
+    assert abs(s["mean_paired_gap"]) <= fp8_band.BAND_SDS * s["band_sd"], s
+    assert s["controls"]["amax_floor-1"] > hi and s["control_gaps_sd"]["amax_floor-1"] > CONTROL_SDS, s
 
 
 def te_available() -> tuple[bool, str]:
@@ -105,4 +95,4 @@ def test_te_fp8_smoke_training(tmp_path, dataset):  # pragma: no cover - GPU wit
 
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
-    assert mean(losses[-5:]) < losses[0] - 0.5, losses
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses

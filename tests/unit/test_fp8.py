@@ -123,6 +123,38 @@ def test_tiny_gradients_keep_their_precision(backend, recipe, capsys):
         assert abs(dx - got[1.0][0]) < 0.5 and abs(dw - got[1.0][1]) < 0.5, (scale, dx, dw)  # scale-free
 
 
+def test_negative_control_recipes_are_what_they_claim():
+    """The training comparison's controls (model/fp8/gemm.py RECIPES): amax_floor flushes tiny
+    gradients as the old floor did; grad_blocks quantises dy in 128×128 blocks (rows of small
+    gradients next to a large one lose precision); e5m2_forward loses ~6 dB in the forward."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(256, 256, generator=g)
+    w = torch.randn(128, 256, generator=g) * 0.05
+    dy = torch.randn(256, 128, generator=g)
+
+    def run(recipe: str, scale: float):
+        xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        yr = xr @ wr.t()
+        yr.backward(dy.double() * scale)
+        xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = fp8_linear(xf, wf, Fp8Spec("emulated", recipe))
+        y.backward(dy * scale)
+        return sqnr(yr.detach(), y), sqnr(xr.grad, xf.grad), sqnr(wr.grad, wf.grad)
+
+    good = run("blockwise", 1e-9)
+    assert min(good) >= 25, good
+    assert run("amax_floor", 1e-10)[1] < 5  # dx flushed (17.8 dB at 1e-9, as the old floor measured)
+    wr = w.double()
+    mixed = dy.clone()
+    mixed[1::2] *= 1e-5  # every other token's gradient 1e-5 of its neighbours': E4M3's subnormals in a shared block
+    ref = mixed[1::2].double() @ wr  # the small tokens' dx
+    for recipe, bar in (("blockwise", lambda db: db >= 25), ("grad_blocks", lambda db: db < 15)):
+        xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        fp8_linear(xf, wf, Fp8Spec("emulated", recipe)).backward(mixed)
+        assert bar(sqnr(ref, xf.grad[1::2])), (recipe, sqnr(ref, xf.grad[1::2]))
+    assert run("e5m2_forward", 1.0)[0] < good[0] - 4
+
+
 @pytest.mark.parametrize("backend, recipe", [("emulated", "blockwise"), ("torch", "rowwise")])
 def test_bf16_gemms_round_once_and_weight_gradients_leave_in_float32(backend, recipe):
     """DeepSeek-V3 (report Fig. 6) accumulates the FP8 GEMMs in FP32 and outputs weight gradients
