@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moeforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast smoke bench clean
+.PHONY: setup test test-fast smoke clean
 
 setup: $(STAMP)
 

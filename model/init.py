@@ -12,8 +12,8 @@ goals need.
 
 Rules by parameter role, not by the class of the module holding it, so every precision backend
 (nn.Linear, Fp8Linear, Transformer Engine's Linear, whatever registers a `weight`) draws the
-same values from the same seeds — issue 12: a `te.Linear` built on meta kept uninitialised
-memory because only nn.Linear / nn.Embedding were recognised:
+same values from the same seeds (a class-based rule once left every `te.Linear` built on meta
+with uninitialised memory, because only nn.Linear / nn.Embedding were recognised):
 
 - every parameter with ≥ 2 dims: Normal(0, init_std) (DeepSeek-V3 report §4.2), seeded by its
   full-model name; routed-expert stacks (E, ·, ·) one generator per global expert id;

@@ -164,8 +164,8 @@ def mark_for_deepspeed(model: nn.Module, ep_size: int, group_name: str) -> None:
     builds expert-data-parallel gradient reduction and MoE optimizer groups for ZeRO). The
     model stays free of DeepSpeed: here each MoE layer gets a parameter-less child that is such
     an instance (never called), and expert parameters carry the attributes DeepSpeed's own
-    experts set (`allreduce = False`, `group_name`). ../shared/DEEPSPEED-NOTES.md subclassed
-    the layer instead; a marker child keeps model/ importable without DeepSpeed.
+    experts set (`allreduce = False`, `group_name`). Subclassing DeepSpeed's MoE layer would work
+    too (docs/parallel.md); a marker child keeps model/ importable without DeepSpeed.
     """
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 

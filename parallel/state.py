@@ -11,7 +11,7 @@ any range it needs, whatever layout wrote the files.
 Followed: torchtitan's / PyTorch DCP's design (per-rank files of named fragments plus a global
 index, resharding on load), not DeepSpeed's native `save_checkpoint`: DeepSpeed's files are
 pickles (they need `torch.load(weights_only=False)`), are tied to the layout that wrote them
-(a full load across a dp or ep change fails, ../shared/DEEPSPEED-NOTES.md) and to its MoE module
+(a full load across a dp or ep change fails, docs/checkpoints.md) and to its MoE module
 paths. DeepSpeed still owns the state; this module only reads it out of and writes it into the
 engine's own tensors (the lp parameters, the fp32 partitions and the base optimizer's state).
 Files are safetensors, so loading never unpickles.

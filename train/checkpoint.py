@@ -11,7 +11,7 @@ Layout of `checkpoint.dir`:
     latest                    name of the newest complete checkpoint (write-temp, fsync, rename)
     .tmp-step-00001000/       a save in progress (or one that crashed: ignored, removed by the next save)
 
-Commit (DESIGN.md): every rank writes its files into the temporary directory and fsyncs them;
+Commit (docs/checkpoints.md): every rank writes its files into the temporary directory and fsyncs them;
 barrier; rank 0 hashes nothing itself — each rank reports its files' sizes and SHA-256 — writes
 the manifest, fsyncs, renames the directory into place, fsyncs the parent, then updates
 `latest`. A crash at any moment leaves either the previous set of complete checkpoints or that

@@ -2,7 +2,7 @@
 
 Preemption: SIGTERM or SIGUSR1 (SLURM's `--signal=B:USR1@…` warning, torchrun's SIGTERM on
 shutdown) only sets a flag here. The flag travels in the one all-reduce every step already
-makes (train/trainer.py StepGuard), so all ranks learn of a signal on any rank at the same
+makes (train/trainer.py `_decide`, the step guard), so all ranks learn of a signal on any rank at the same
 step, save, and leave with EXIT_PREEMPTED.
 
 Loss spikes: `SpikeDetector` flags a step whose loss exceeds the mean of the last `window`

@@ -1,6 +1,6 @@
 """What produced a run: resolved config, git commit (dirty flag and diff), package versions, machine.
 
-Written into the run directory at start (STYLE.md §10, as modded-nanogpt logs its own source).
+Written into the run directory at start (as modded-nanogpt logs its own source).
 """
 
 from __future__ import annotations

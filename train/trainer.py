@@ -16,7 +16,7 @@ same layout and continues at another.
 
 Global batch semantics: each loader batch is one micro-batch on every rank and an optimizer
 step consumes grad_accum of them; the loader slices each global batch over ranks so the set
-of sequences in a step is the same for any dp (the data issue's exactly-once property), which
+of sequences in a step is the same for any dp (the loader's exactly-once property, docs/data.md), which
 is what makes dp=1 and dp=2 losses equal. With a batch-size ramp the loader runs on the
 micro-step grid (micro × dp) and the ramp only changes grad_accum.
 """

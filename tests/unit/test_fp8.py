@@ -74,7 +74,7 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("backend, recipe, bar", [
-    ("emulated", "blockwise", 25.0),  # the (and torchao's) bar for blockwise
+    ("emulated", "blockwise", 25.0),  # torchao's bar for blockwise
     ("emulated", "rowwise", 20.0), ("emulated", "tensorwise", 20.0),  # reported alongside
     ("torch", "rowwise", 20.0), ("torch", "tensorwise", 20.0),
 ])
@@ -514,7 +514,7 @@ def test_float_rounding_to_e4m3_equals_the_cast():
 # last bit, while a different granularity in any GEMM adds independent quantisation noise at
 # the recipe's own level (~29 dB against float64, measured above) and would fail it. Current
 # and delayed scaling use one scale per tensor and E5M2 (HYBRID format) for gradients, so they
-# are measured against float64: out ≥ 25 dB (the bar, E4M3 like emulated tensorwise's
+# are measured against float64: out ≥ 25 dB (the blockwise bar, E4M3 like emulated tensorwise's
 # 28.6), gradients ≥ 18 dB (E5M2 keeps 2 mantissa bits, one fewer than E4M3: ~6 dB lower).
 def _te():
     if not torch.cuda.is_available():

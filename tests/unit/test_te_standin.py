@@ -3,7 +3,7 @@
 - The stand-in behaves as TE where a caller can be bitten (device default, init at construction,
   `_extra_state`, dimension checks, m_splits) and computes with the emulated FP8 recipe its TE
   recipe maps to.
-- Defect 1 of issue 12: a meta build, `to_empty` onto memory filled with NaN, then init gives —
+- Initialisation independent of the module class: a meta build, `to_empty` onto memory filled with NaN, then init gives —
   for every FP8 backend, te included — bit for bit the weights of the fp8=off model with the same
   seed, for the whole model (parallel/build.py), an expert-parallel shard, and every pipeline
   stage's layers (parallel/pipeline.py).
