@@ -78,7 +78,10 @@ class Setup:
 
     @property
     def effective_zero(self) -> int:
-        return self.zero_stage if self.dp > 1 else 0  # the trainer's choice at dp = 1
+        """The ZeRO stage DeepSpeed runs: none at dp = 1 (the trainer's choice), and at least 1 in
+        bf16 (BF16_Optimizer with fp32 gradient accumulation, parallel/engine.py)."""
+        zero = self.zero_stage if self.dp > 1 else 0
+        return max(zero, 1) if self.act_bytes == 2 else zero
 
     @property
     def act_bytes(self) -> int:
@@ -234,10 +237,7 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
     b = s.act_bytes
     m = max(1, s.grad_accum)
     zero = s.effective_zero
-    # bf16 at ZeRO stage 0 or 1 runs DeepSpeed's BF16_Optimizer (parallel/engine.py), partitioned like ZeRO-1
-    bf16_optimizer = b == 2 and zero <= 1
-    if bf16_optimizer:
-        zero = 1
+    bf16_optimizer = b == 2 and zero == 1  # DeepSpeed's BF16_Optimizer, partitioned like ZeRO-1
     mb = 2 if s.moments == "bf16" else 4
     gpn = cluster.gpus_per_node
     bounds = s.stage_bounds or [0, cfg.n_layers]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", "launch/smoke.sh", "launch/env/h800.sh", "launch/env/h100.sh"]
+SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", "launch/smoke.sh", "launch/env/h800.sh", "launch/env/h100.sh",
+           "launch/gpu_check.sh", "launch/gpu_wheels.sh"]
 H800_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
             "NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_TIMEOUT": "22",
             "NCCL_IB_RETRY_CNT": "7", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
