@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.errors import DataError
     from parallel.engine import DistEnv
 
-    from . import checkpoint
+    from . import checkpoint_dir as checkpoint
     from .config import check_fp8, check_layout, compose, to_config
     from .data_setup import check_dataset
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
     from parallel.state import StateError
 
-    from .checkpoint import CheckpointError
+    from .checkpoint_dir import CheckpointError
     from .faults import EXIT_PREEMPTED
     from .trainer import Preempted, TrainError, resolve_device
 

@@ -34,7 +34,7 @@ def load_model(path: Path):
     from model.config import ModelConfig
     from parallel import state as pstate
 
-    from . import checkpoint as ckpt
+    from . import checkpoint_dir as ckpt
 
     meta = ckpt.read_trainer_state(path)
     cfg = ModelConfig.from_dict(dict(meta["model"])).validate()
@@ -53,7 +53,7 @@ def export(args: ExportArgs) -> Path:
     from model.hf import HFCheckpointError
     from parallel.state import StateError
 
-    from . import checkpoint as ckpt
+    from . import checkpoint_dir as ckpt
 
     if args.dtype not in ("fp32", "bf16"):
         raise DataError(f"dtype={args.dtype!r}: must be fp32 or bf16")

@@ -48,7 +48,7 @@ from parallel import state as pstate
 from parallel.pipeline import BlockPipe, build_pipeline
 from parallel.topology import Layout, build_groups
 
-from . import checkpoint as ckpt
+from . import checkpoint_dir as ckpt
 from . import metrics as M
 from .config import Config
 from .faults import Faults, Preemption, SpikeDetector, inject
@@ -469,7 +469,7 @@ class Trainer:
                 "time": time.time()}
 
     def save_checkpoint(self) -> Path:
-        """Every rank writes its files; rank 0 commits (train/checkpoint.py). Returns the final path."""
+        """Every rank writes its files; rank 0 commits (train/checkpoint_dir.py). Returns the final path."""
         root, name = self.ckpt_root, ckpt.step_dir_name(self.step)
         tmp, final = root / f"{ckpt.TMP_PREFIX}{name}", root / name
         if self.rank == 0:

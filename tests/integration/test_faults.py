@@ -216,7 +216,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 def fake_checkpoint(folder: Path, model: dict) -> Path:
     """A checkpoint directory with a manifest and the trainer state of `model` (no tensors needed:
     these inputs are refused before anything is loaded)."""
-    from train import checkpoint as ckpt
+    from train import checkpoint_dir as ckpt
 
     path = folder / "step-00000002"
     path.mkdir(parents=True)

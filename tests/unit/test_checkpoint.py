@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parallel import state as pstate
-from train import checkpoint as ckpt
+from train import checkpoint_dir as ckpt
 from train.faults import Faults, SpikeDetector, inject
 from train.trainer import rng_state, set_rng_state
 
