@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from data.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user's configuration mistake. Its message is one line naming the key at fault."""
 
 

@@ -21,6 +21,17 @@ from dataclasses import dataclass
 import torch
 
 
+def resolve_device(name: str) -> torch.device:
+    """`trainer.device` (auto, cpu, cuda) → the device; cuda without a visible GPU is a ConfigError."""
+    from model.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
 @dataclass
 class DistEnv:
     """Process facts known before any process group exists (torchrun's environment)."""

@@ -255,12 +255,10 @@ def check_fp8(cfg: Config) -> None:
     """FP8 backend against this machine and model (ConfigError naming what cannot run and what would)."""
     if cfg.fp8.backend == "off":
         return
-    import torch
-
     from model.fp8 import check_capability
+    from parallel.engine import resolve_device
 
-    name = cfg.trainer.device
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    device = resolve_device(cfg.trainer.device)
     check_capability(cfg.fp8.precision(), device, cfg.model)
 
 
