@@ -12,17 +12,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
 from .config import ModelConfig
 from .init import init_weights_
-from .mtp import MTPModule
+from .mtp import MTPModule, cross_entropy, mtp_losses
 from .norm import RMSNorm
 from .rope import rope_tables
-
-IGNORE_INDEX = -100
 
 
 class Losses(NamedTuple):
@@ -85,27 +82,14 @@ class Transformer(nn.Module):
                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> Losses:
         """Main and MTP cross-entropies; labels (B, T) are input_ids shifted by one (IGNORE_INDEX = skip).
 
-        MTP depth k (1-based) sees h^{k-1} and the embedding of t_{i+k} = labels[:, i+k-1] at
-        positions i < T-k, and predicts labels[:, i+k]. The trainer weights mtp by λ. h^{k-1} is
-        the normed state that feeds the previous depth's head, as vLLM and transformers run the
-        released V3 MTP layer (the main model's final-norm output for k = 1).
+        The MTP depths (model/mtp.py `mtp_losses`) start from the main model's final-norm output
+        and embed the next tokens with this model's embedding, one depth at a time. The trainer
+        weights mtp by λ.
         """
         h = self.norm(self.hidden(input_ids, position_ids, attn_mask))
         main = cross_entropy(self.head(h), labels)
         if not self.mtp:
             return Losses(main, main.new_zeros(()))
-        T = input_ids.size(1)
-        cos, sin = self._rope(T, position_ids)
-        next_tokens = labels.clamp(min=0)  # ignored positions still need an embedding input
-        mtp_losses = []
-        for k, module in enumerate(self.mtp.values(), start=1):
-            n = T - k
-            c, s = (cos[:n], sin[:n]) if position_ids is None else (cos[:, :n], sin[:, :n])
-            mask = None if attn_mask is None else attn_mask[..., :n, :n]
-            h = module.norm(module(h[:, :n], self.embed(next_tokens[:, k - 1:k - 1 + n]), c, s, mask))
-            mtp_losses.append(cross_entropy(self.head(h), labels[:, k:]))
-        return Losses(main, torch.stack(mtp_losses).mean())
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        mtp = mtp_losses(self.mtp.values(), self.head, h, labels, self.embed, self.rope_cos, self.rope_sin,
+                         position_ids, attn_mask)
+        return Losses(main, mtp)

@@ -14,8 +14,9 @@ specs, as Megatron-DeepSpeed's GPTModelPipe does for GPT:
 - The MTP modules sit on the last stage with the head; they need the input embedding, which
   lives on the first stage: the second `TiedLayerSpec("embed")` gives the last stage its own
   replica, and DeepSpeed all-reduces the two replicas' gradients after every backward.
-- The output layer computes the main and MTP cross-entropies itself and returns both; the
-  engine's loss function combines them as main + λ·MTP and keeps the parts for logging.
+- The output layer computes the main and MTP cross-entropies itself (the MTP depths through
+  model/mtp.py `mtp_losses`, as the single-process model) and returns both; the engine's loss
+  function combines them as main + λ·MTP and keeps the parts for logging.
 - Each layer builds and initialises only its own weights, on the meta device first, with the
   layout-independent seeds of model/init.py, so every layout starts from the single-process
   weights; expert-parallel ranks build only their experts.
@@ -27,7 +28,6 @@ specs, as Megatron-DeepSpeed's GPTModelPipe does for GPT:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.block import Block
@@ -35,10 +35,9 @@ from model.config import ConfigError, ModelConfig
 from model.flops import attention_flops_per_token, block_params
 from model.init import init_weights_
 from model.moe import moe_layers
-from model.mtp import MTPModule
+from model.mtp import MTPModule, cross_entropy, mtp_losses
 from model.norm import RMSNorm
 from model.rope import rope_tables
-from model.transformer import cross_entropy
 
 PARTITIONS = ("parameters", "flops", "uniform")
 
@@ -52,11 +51,10 @@ class _Rope(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def tables(self, T: int, position_ids: torch.Tensor | None, n: int | None = None):
-        n = T if n is None else n
+    def tables(self, T: int, position_ids: torch.Tensor | None):
         if position_ids is None:
-            return self.cos[:n], self.sin[:n]
-        return self.cos[position_ids[:, :n]], self.sin[position_ids[:, :n]]
+            return self.cos[:T], self.sin[:T]
+        return self.cos[position_ids], self.sin[position_ids]
 
 
 class SharedEmbedding(nn.Embedding):
@@ -130,14 +128,9 @@ class OutputPipe(nn.Module):
         main = cross_entropy(self.head(h), labels)
         if not self.mtp:
             return torch.stack([main, main.new_zeros(())])
-        T = h.size(1)
-        losses = []
-        for k, module in enumerate(self.mtp.values(), start=1):
-            n = T - k
-            cos, sin = self.rope.tables(T, pos[0] if pos else None, n)
-            h = module.norm(module(h[:, :n], next_emb[:, k - 1:k - 1 + n], cos, sin))
-            losses.append(cross_entropy(self.head(h), labels[:, k:]))
-        return torch.stack([main, torch.stack(losses).mean()])
+        mtp = mtp_losses(self.mtp.values(), self.head, h, labels, next_emb, self.rope.cos, self.rope.sin,
+                         pos[0] if pos else None)
+        return torch.stack([main, mtp])
 
 
 # ------------------------------------------------------------------ partition
