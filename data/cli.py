@@ -14,9 +14,8 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-from .errors import DataError
+from .errors import EXIT_USER_ERROR, DataError, UserError
 
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -94,11 +93,11 @@ def start(argv: Sequence[str], doc: str | None, schema: type):
 
 
 def run(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)`; a DataError or an OS error becomes `error: …` on stderr and exit code 2."""
+    """Call `main(argv)`; a UserError or an OS error becomes `error: …` on stderr and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(args)
-    except DataError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:  # disk full, permission denied, … : the user's environment, not a bug

@@ -93,13 +93,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data.errors import UserError
+
 from .config import ConfigError, ModelConfig
 from .mla import MLA
 from .rope import yarn_active
 from .transformer import Transformer
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError):
     """A checkpoint folder we cannot read or write faithfully. One line naming the file and what is wrong."""
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.errors import UserError
 from model.moe import Experts
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")  # AdamW's state; "buffer" for persistent buffers
 INDEX = "index.json"
 
 
-class StateError(ValueError):
+class StateError(UserError):
     """A checkpoint's tensors do not fit this model (names the tensor)."""
 
 

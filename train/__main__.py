@@ -15,9 +15,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from model.config import ConfigError
+from data.errors import EXIT_USER_ERROR, UserError
 
-EXIT_USER_ERROR = 2
 EXIT_TRAIN_ERROR = 3
 
 
@@ -39,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from omegaconf import OmegaConf
 
-    from data.errors import DataError
     from parallel.engine import DistEnv
 
     from . import checkpoint_dir as checkpoint
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fp8(cfg)
         check_dataset(cfg)
         checkpoint.precheck(cfg.checkpoint.resume, asdict(cfg.model))
-    except (ConfigError, DataError, checkpoint.CheckpointError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     resolved_yaml = OmegaConf.to_yaml(composed)
@@ -63,22 +61,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
-    from parallel.state import StateError
+    from parallel.engine import resolve_device
 
-    from .checkpoint_dir import CheckpointError
     from .faults import EXIT_PREEMPTED
-    from .trainer import Preempted, TrainError, resolve_device
+    from .trainer import Preempted, TrainError
 
     try:
         device = resolve_device(cfg.trainer.device)
-    except ConfigError as exc:  # trainer.device=cuda on a machine without a visible GPU
+    except UserError as exc:  # trainer.device=cuda on a machine without a visible GPU
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
     import torch.distributed as dist
 
-    from data.errors import DataError
     from parallel.engine import init_distributed
 
     from . import provenance
@@ -95,14 +91,14 @@ def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
             provenance.write(run_dir, resolved_yaml, {"world_size": env.world_size})
         try:
             data_path = ensure_dataset(cfg, env.rank)
-        except DataError as exc:
+        except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         trainer = Trainer(cfg, run_dir, env.world_size, env.rank)
         train_loader, val_factory = build_loaders(cfg, data_path, dp_rank=env.rank % trainer.dp, dp_size=trainer.dp)
         try:
             trainer.setup(train_loader, val_factory)  # resumes: a bad checkpoint is the user's input
-        except (ConfigError, DataError, CheckpointError, StateError) as exc:
+        except UserError as exc:
             train_loader.close()
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)

@@ -35,6 +35,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from data.errors import UserError
+
 MANIFEST = "manifest.json"
 POINTER = "latest"
 PREFIX = "step-"
@@ -42,7 +44,7 @@ TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (one line naming the path or file)."""
 
 

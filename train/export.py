@@ -50,29 +50,24 @@ def export(args: ExportArgs) -> Path:
     import torch
 
     from model import hf
-    from model.hf import HFCheckpointError
-    from parallel.state import StateError
 
     from . import checkpoint_dir as ckpt
 
     if args.dtype not in ("fp32", "bf16"):
         raise DataError(f"dtype={args.dtype!r}: must be fp32 or bf16")
     source = Path(args.checkpoint)
-    try:
-        if not source.is_dir():
-            raise ckpt.CheckpointError(f"checkpoint={source}: no such directory")
-        if not (source / ckpt.MANIFEST).exists() and ckpt.complete_checkpoints(source):
-            chosen = ckpt.select(source)
-            if chosen is None:
-                raise ckpt.CheckpointError(f"checkpoint={source}: no checkpoint in it verifies")
-            source = chosen
-        ckpt.verify(source)
-        model = load_model(source)
-        if args.dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        hf.save(model, args.output, overwrite=args.overwrite)
-    except (ckpt.CheckpointError, StateError, HFCheckpointError) as exc:
-        raise DataError(str(exc)) from None
+    if not source.is_dir():
+        raise ckpt.CheckpointError(f"checkpoint={source}: no such directory")
+    if not (source / ckpt.MANIFEST).exists() and ckpt.complete_checkpoints(source):
+        chosen = ckpt.select(source)
+        if chosen is None:
+            raise ckpt.CheckpointError(f"checkpoint={source}: no checkpoint in it verifies")
+        source = chosen
+    ckpt.verify(source)
+    model = load_model(source)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    hf.save(model, args.output, overwrite=args.overwrite)
     return source
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import sys
 
+from data.errors import EXIT_USER_ERROR, UserError
 from model.config import ConfigError
 
 from .estimate import GIB, Plan, Setup, plan, total_params
 
 EXIT_DOES_NOT_FIT = 1
-EXIT_USER_ERROR = 2
 PLAN_KEYS = {"nodes": "cluster.nodes", "gpus_per_node": "cluster.gpus_per_node"}
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(expert-data-parallel {dp // p.ep})")
             return 0
         pl = plan(cfg.model, cfg.cluster, setup_of(cfg, world, opts["moments"]))
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(describe(pl, cfg))

@@ -36,13 +36,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from data.errors import EXIT_USER_ERROR, UserError
+
 FIGSIZE, DPI = (12, 8), 100  # 1200×800 px
 KINDS = ("train", "eval")
 NUMERIC = ("loss", "mtp_loss", "val_loss", "lr", "tokens_per_s", "mfu")
 MAX_COLUMNS = 1000
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Bad input: the message is one line naming the file (and line)."""
 
 
@@ -286,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(argv) != 1:
         print(USAGE, file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     try:
         for path in render(Path(argv[0])):
             print(path)
-    except ReportError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except OSError as exc:
         print(f"error: {Path(argv[0]) / 'plots'}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel.engine import init_distributed  # noqa: E402
+from parallel.engine import init_distributed, resolve_device  # noqa: E402
 from train.config import check_fp8, check_layout, compose, to_config  # noqa: E402
 from train.data_setup import build_loaders  # noqa: E402
-from train.trainer import Trainer, resolve_device  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 
 def run(data: str, steps: int, overrides: list[str]) -> dict:
