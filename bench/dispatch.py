@@ -69,7 +69,7 @@ def worker_bytes(out: Path, tokens: int, dim: int) -> None:
         def forward(self, rows, counts):
             return rows
 
-    d = AllToAllDispatcher(None, ep, rank, cfg.n_routed_experts)
+    d = AllToAllDispatcher(None, ep, rank, cfg.n_routed_experts, account=True)
     with torch.no_grad():
         d(x, indices, weights, Identity())
     s = d.stats

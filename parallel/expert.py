@@ -7,12 +7,14 @@ weights as metadata; the receiving rank runs its local experts on every (token, 
 sums them with the gate weights, and sends back one vector per (token, rank). Megatron sends
 one copy per (token, expert), which costs up to k× the bytes when a rank holds several of a
 token's experts — exactly what node-limited (group-limited) routing makes common. Both
-directions therefore move the minimum the routing implies (bench/dispatch.py counts it).
+directions therefore move the minimum the routing implies (bench/dispatch.py counts it with
+the dispatcher's byte accounting, which training leaves off).
 
 Steps of `AllToAllDispatcher.__call__` (N tokens, K choices, ep ranks, E_l local experts):
   1. pairs (rank r, token n) for every rank that holds one of n's experts, ordered by rank;
-  2. all-to-all the per-rank counts, then the token rows, their local expert ids and weights
-     (`all_to_all_single` with uneven splits; autograd through both directions);
+  2. all-to-all the per-rank counts (read on the host once: the split sizes), then the token
+     rows, their local expert ids and weights (`all_to_all_single` with uneven splits;
+     autograd through both directions);
   3. on arrival: expand rows to (row, expert) copies, sort by expert, the same grouped SwiGLU
      as one device, weight by the gate and sum per row;
   4. the reverse all-to-all, then every token sums the partial outputs of its ranks.
@@ -70,14 +72,19 @@ class DispatchStats:
 
 
 class AllToAllDispatcher:
-    """Dispatch across the expert-parallel group; experts hold E / ep local experts."""
+    """Dispatch across the expert-parallel group; experts hold E / ep local experts.
 
-    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int):
+    `account` (benchmarks and tests) adds every call's bytes to `stats`; it reads device
+    tensors on the host, so it stays off in training.
+    """
+
+    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, account: bool = False):
         self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
         self.n_experts = n_experts
         self.n_local = n_experts // ep_size
+        self.account = account
         self.stats = DispatchStats()
-        self.last_recv_rows, self.last_expert_counts = 0, None
+        self.last_recv_rows, self.last_expert_counts = 0, None  # host int and device tensor: no sync
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                  experts: Experts) -> torch.Tensor:
@@ -96,7 +103,7 @@ class AllToAllDispatcher:
         # 2. Exchange counts, then rows and metadata.
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
+        send, recv = torch.stack([send_counts, recv_counts]).tolist()  # one device → host read
         rows = all_to_all(x[pair_token], send, recv, self.group)
         r_ids = all_to_all(local_ids, send, recv, self.group)
         r_w = all_to_all(local_w, send, recv, self.group)
@@ -105,16 +112,17 @@ class AllToAllDispatcher:
         copy_expert = r_ids[copy_row, copy_k]
         order = copy_expert.argsort(stable=True)
         counts = torch.bincount(copy_expert, minlength=E_l)
-        self.last_recv_rows, self.last_expert_counts = rows.size(0), counts  # for tests and stats
+        self.last_recv_rows, self.last_expert_counts = rows.size(0), counts  # for tests
         y = experts(rows[copy_row[order]], counts)  # (C, D) in expert order
         y = y * r_w[copy_row[order], copy_k[order]].unsqueeze(1).to(y.dtype)
         partial = y.new_zeros(rows.size(0), D).index_add(0, copy_row[order], y)
         # 4. Back to the senders; each token sums its ranks' partial outputs.
         back = all_to_all(partial, recv, send, self.group)
-        self._account(N, K, D, x.element_size(), weights.element_size(), send, indices, dest)
+        if self.account:
+            self._account(N, K, D, x.element_size(), weights.element_size(), send, dest)
         return x.new_zeros(N, D).index_add(0, pair_token, back.to(x.dtype))
 
-    def _account(self, N, K, D, elem, w_elem, send, indices, dest) -> None:
+    def _account(self, N, K, D, elem, w_elem, send, dest) -> None:
         s = self.stats
         remote = sum(c for r, c in enumerate(send) if r != self.ep_rank)
         s.tokens += N
@@ -192,6 +200,13 @@ def mark_for_deepspeed(model: nn.Module, ep_size: int, group_name: str) -> None:
             p.group_name = group_name
 
 
-def dispatch_stats(model: nn.Module) -> list[DispatchStats]:
-    return [m.dispatcher.stats for m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
-
+def enable_dispatch_stats(model: nn.Module) -> list[DispatchStats]:
+    """Turn on the byte accounting of every all-to-all dispatcher in `model` (benchmarks, tests);
+    returns their stats, reset."""
+    stats = []
+    for m in moe_layers(model):
+        if isinstance(m.dispatcher, AllToAllDispatcher):
+            m.dispatcher.account = True
+            m.dispatcher.stats.reset()
+            stats.append(m.dispatcher.stats)
+    return stats

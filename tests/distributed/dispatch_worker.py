@@ -59,7 +59,7 @@ def check_round_trip(world, rank):
     indices = torch.rand(N, E, generator=g).argsort(dim=1)[:, :K]  # K distinct experts per token
     weights = torch.zeros(N, K, dtype=torch.float64)
     weights[torch.arange(N), torch.randint(0, K, (N,), generator=g)] = 1.0
-    d = AllToAllDispatcher(None, world, rank, E)
+    d = AllToAllDispatcher(None, world, rank, E, account=True)
     out = d(x, indices, weights, Identity())
     assert torch.equal(out, x), (out - x).abs().max()
     # Counts: rows this rank received = (token, rank) pairs aimed at it by every rank; per-expert
