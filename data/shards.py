@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .durable import fsync_path, sync_file, write_bytes_durable
 from .errors import DataError
 
 FORMAT = "moeforge-tokens"
@@ -74,28 +75,8 @@ def sha256_file(path: Path, limit: int | None = None) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write-to-temp, fsync, rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """`obj` as JSON through `<name>.tmp`, fsync, rename: readers see the old file or the new one."""
+    write_bytes_durable(path, (json.dumps(obj, indent=1) + "\n").encode(), best_effort=True)
 
 
 def fingerprint(dtype: str, eos_id: int, shards: list[dict]) -> str:
@@ -318,8 +299,7 @@ class ShardWriter:
         entry = {"tokens": self._cur_tokens, "documents": self._cur_docs}
         for which, ext, key in ((1, "idx", "index"), (0, "bin", "data")):  # .bin last: it marks completion
             f = self._files[which]
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
             f.close()
             name = self._name(i, ext)
             final = self.root / name
@@ -327,7 +307,7 @@ class ShardWriter:
             self.created.append(final)
             entry[key] = {"file": name, "bytes": final.stat().st_size, "sha256": self._hashes[which].hexdigest()}
         self.shards.append({k: entry[k] for k in ("tokens", "documents", "data", "index")})
-        _fsync_dir(self.dir)
+        fsync_path(self.dir, best_effort=True)
         self._files = None
         self._cur_tokens = self._cur_docs = 0
 
@@ -335,8 +315,7 @@ class ShardWriter:
         """Make everything written so far durable (so `state()` describes bytes on disk)."""
         self._drain()
         for f in self._files or []:
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
 
     def state(self) -> dict:
         cur = {"tokens": self._cur_tokens, "documents": self._cur_docs} if self._files else None

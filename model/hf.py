@@ -84,8 +84,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -93,6 +91,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data.durable import durable_folder
 from data.errors import UserError
 
 from .config import ConfigError, ModelConfig
@@ -589,8 +588,9 @@ def save(model: Transformer, path: str | os.PathLike, *, overwrite: bool = False
 
     Sigmoid models become deepseek_v3, softmax ones deepseek_v2 (module docstring). Tensors keep
     the model's dtype; files are split at `max_shard_bytes` with a model.safetensors.index.json.
-    Everything is written into a temporary folder next to `path` and renamed at the end, so a
-    failure leaves no partial folder. A non-empty existing `path` is replaced only with overwrite=True.
+    Everything is written into a temporary folder next to `path`, fsynced and renamed at the end
+    (data/durable.py), so a failure leaves no partial folder. A non-empty existing `path` is
+    replaced only with overwrite=True.
     """
     cfg = model.cfg
     target = Path(path)
@@ -612,9 +612,7 @@ def save(model: Transformer, path: str | os.PathLike, *, overwrite: bool = False
             size = 0
         shards[-1][name] = t
         size += nbytes
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with durable_folder(target) as tmp:
         config = to_hf_config(cfg, model.embed.weight.dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         names = (["model.safetensors"] if len(shards) == 1 else
@@ -627,23 +625,3 @@ def save(model: Transformer, path: str | os.PathLike, *, overwrite: bool = False
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename tmp to target; an existing target is moved aside first and restored if that fails."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rename(target, old / "x")
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old / "x", target)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.durable import sync_file
 from data.errors import UserError
 from model.moe import Experts
 
@@ -178,8 +179,6 @@ def write_rank_file(path: Path, frags: list, crash=None) -> list[list]:
     """Write fragments into one safetensors file (fsynced); returns index rows [kind, name, start, numel].
 
     `crash()` runs halfway through the write (fault injection: a rank killed mid-write)."""
-    import os
-
     from safetensors.torch import save
 
     tensors, rows = {}, []
@@ -194,8 +193,7 @@ def write_rank_file(path: Path, frags: list, crash=None) -> list[list]:
             f.flush()
             crash()
         f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
+        sync_file(f)
     return rows
 
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
+from data.durable import fsync_path, replace_dir, write_bytes_durable
+from data.durable import write_file_synced as write_durable
 from data.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -60,22 +61,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a rename inside it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def file_record(path: Path) -> tuple[str, dict]:
     fsync_path(path)
     return path.name, {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -88,21 +73,15 @@ def write_manifest(tmp: Path, records: dict[str, dict], step: int) -> None:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary directory into place (durably)."""
-    if final.exists():  # a save of the same step (a rollback re-reached it): replace the old one
-        trash = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    tmp.rename(final)
-    fsync_path(final.parent)
+    """Rename the finished temporary directory into place (durably). A save of the same step (a
+    rollback re-reached it) replaces the old one, which waits at `.tmp-old-<name>` meanwhile."""
+    trash = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # left by a crash
+    replace_dir(tmp, final, aside=trash)
 
 
 def update_pointer(root: Path, name: str) -> None:
-    tmp = root / f"{TMP_PREFIX}{POINTER}"
-    write_durable(tmp, (name + "\n").encode())
-    tmp.rename(root / POINTER)
-    fsync_path(root)
+    write_bytes_durable(root / POINTER, (name + "\n").encode(), tmp=root / f"{TMP_PREFIX}{POINTER}")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
