@@ -3,8 +3,9 @@
 Times forward + backward of one MoE layer's experts (SwiGLU, E experts, tokens routed top-k
 with a random but fixed assignment) in fp32 without FP8, through the grouped FP8 path
 (model/fp8/grouped.py `grouped_fp8_swiglu`: each operand quantised once for all experts)
-and through the single FP8 linear expert by expert (`per_expert_fp8_swiglu`), alternating the
-three in one process so load drift hits all of them alike; prints median milliseconds.
+and through the single FP8 linear expert by expert (`per_expert_fp8_swiglu`, kept in
+tests/fp8_reference.py), alternating the three in one process so load drift hits all of them
+alike; prints median milliseconds.
 
     python bench/fp8_experts.py                   # smoke and tiny expert shapes, CPU
     python bench/fp8_experts.py --repeats 20 --threads 2
@@ -23,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.fp8.gemm import Fp8Spec  # noqa: E402
-from model.fp8.grouped import grouped_fp8_swiglu, per_expert_fp8_swiglu  # noqa: E402
+from model.fp8.grouped import grouped_fp8_swiglu  # noqa: E402
 from model.moe import _SegmentedSwiGLU  # noqa: E402
+from tests.fp8_reference import per_expert_fp8_swiglu  # noqa: E402
 
 # name → (experts E, dim D, expert hidden F, token copies M = tokens × top-k)
 SHAPES = {"smoke (4×64 tokens, top-4)": (16, 128, 64, 1024), "tiny (4×256 tokens, top-4)": (24, 512, 256, 4096)}

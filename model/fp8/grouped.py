@@ -3,9 +3,9 @@
 Each projection (w1, w3, w2) is one grouped FP8 linear over all experts (gemm.py
 `grouped_fp8_linear`): every operand quantised once for all experts, each expert's scale
 groups kept inside its own rows and weights, so the result equals running the single FP8
-linear expert by expert (`per_expert_fp8_swiglu`, the path it replaced). The interface —
-rows split by per-expert counts, one call per projection — is Transformer Engine's
-GroupedLinear, which the te backend uses instead (te.py `GroupedExperts`).
+linear expert by expert (the path it replaced, kept as tests/fp8_reference.py). The
+interface — rows split by per-expert counts, one call per projection — is Transformer
+Engine's GroupedLinear, which the te backend uses instead (te.py `GroupedExperts`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gemm import Fp8Spec, fp8_linear, grouped_fp8_linear
+from .gemm import Fp8Spec, grouped_fp8_linear
 
 
 def grouped_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
@@ -22,16 +22,3 @@ def grouped_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: 
     h = F.silu(grouped_fp8_linear(x, w1, sizes, spec)) * grouped_fp8_linear(x, w3, sizes, spec)  # (M, F)
     return grouped_fp8_linear(h, w2, sizes, spec)
 
-
-def per_expert_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                          sizes: list[int], spec: Fp8Spec) -> torch.Tensor:
-    """The same experts through the single FP8 linear, one expert at a time (the path the
-    grouped one replaced; tests and bench/fp8_experts.py compare against it)."""
-    outs, start = [], 0
-    for e, n in enumerate(sizes):
-        if n:
-            xs = x[start:start + n]
-            h = F.silu(fp8_linear(xs, w1[e], spec)) * fp8_linear(xs, w3[e], spec)
-            outs.append(fp8_linear(h, w2[e], spec))
-            start += n
-    return torch.cat(outs) if outs else x.new_zeros(0, w2.size(1))

@@ -411,7 +411,8 @@ def test_grouped_experts_equal_the_per_expert_path(backend, recipe):
     computes a tensor's vectorised body and its scalar tail with different exp code, so the same
     element can round differently in a per-expert tensor than in the all-experts tensor (last
     bit of h, hence ~1e-6 relative in the weight gradients)."""
-    from model.fp8.grouped import grouped_fp8_swiglu, per_expert_fp8_swiglu
+    from model.fp8.grouped import grouped_fp8_swiglu
+    from tests.fp8_reference import per_expert_fp8_swiglu
 
     x, ws, dy = expert_operands(7)
     spec = Fp8Spec(backend, recipe)
@@ -451,6 +452,7 @@ def test_moe_layer_uses_the_grouped_fp8_experts(monkeypatch):
     per-expert FP8 experts' to float rounding."""
     import model.moe as moe_mod
     from model.fp8 import grouped
+    from tests.fp8_reference import per_expert_fp8_swiglu
 
     cfg = smoke_cfg()
     with precision(Precision("emulated", "blockwise")):
@@ -464,7 +466,7 @@ def test_moe_layer_uses_the_grouped_fp8_experts(monkeypatch):
     monkeypatch.setattr(moe_mod, "grouped_fp8_swiglu", lambda *a: calls.append(1) or real(*a))
     y = layer(x)
     assert calls
-    monkeypatch.setattr(moe_mod, "grouped_fp8_swiglu", grouped.per_expert_fp8_swiglu)
+    monkeypatch.setattr(moe_mod, "grouped_fp8_swiglu", per_expert_fp8_swiglu)
     torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
 
 
