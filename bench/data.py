@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.loader import ShardedTokenLoader  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
-from data.shards import FORMAT, FORMAT_VERSION, ShardWriter, write_json_atomic  # noqa: E402
+from data.shard_writer import ShardWriter  # noqa: E402
+from data.shards import FORMAT, FORMAT_VERSION, write_json_atomic  # noqa: E402
 from data.corpus import stdlib_files  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 

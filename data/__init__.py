@@ -1,9 +1,10 @@
 """Data: raw text → tokenized shards (`python -m data.prepare`) → a resumable streaming loader.
 
-Modules: corpus (inputs), tokenizer (byte / Hugging Face), fim (fill-in-the-middle), shards
-(format, manifest, writer, verify), prepare (the CLI), train_tokenizer (byte-level BPE CLI),
-verify (CLI around shards.verify), permutation (the keyed global order), stream (memory-mapped
-reads), loader (ShardedTokenLoader). The package imports nothing heavy until asked: the
+Modules: errors (UserError, DataError), cli (key=value arguments), durable (atomic file writes),
+corpus (inputs), tokenizer (byte / Hugging Face), fim (fill-in-the-middle), shards (format,
+manifest, verify), shard_writer (the writer), prepare (the CLI), train_tokenizer (byte-level BPE
+CLI), verify (CLI around shards.verify), permutation (the keyed global order), stream
+(memory-mapped reads), loader (ShardedTokenLoader). The package imports nothing heavy until asked: the
 preparation workers never import torch.
 
 For the trainer:

@@ -6,7 +6,7 @@
 Documents are read in a fixed order (data/corpus.py), tokenized in parallel by `num_proc`
 processes in chunks (order kept, at most two chunks in flight per process so memory stays
 flat), each followed by EOS, with fill-in-the-middle where drawn (data/fim.py), and appended
-by the main process to the train or validation writer (data/shards.py). Validation takes
+by the main process to the train or validation writer (data/shard_writer.py). Validation takes
 `val_fraction` of the documents, evenly spread (document i goes to val when
 round((i+1)·f) > round(i·f)), or all of `val_input` when given.
 
@@ -14,7 +14,7 @@ The byte tokenizer without FIM takes a shorter path with the same output: its "e
 copy of the UTF-8 bytes, cheaper than shipping text to a worker and ids back, so the main
 process encodes each chunk itself (one join, one widening copy, EOS scattered in), from the
 bytes as read (no decode/encode round trip for valid UTF-8), while a thread per split writes,
-hashes and fdatasyncs the shards (data/shards.py, `background=True`). num_proc is unused there.
+hashes and fdatasyncs the shards (data/shard_writer.py, `background=True`). num_proc is unused there.
 
 Atomicity and resume: shards are written as .tmp and renamed when complete; after each
 completed shard a journal (`.prepare-progress.json`) records where the input stands and the
@@ -49,7 +49,8 @@ import numpy as np
 from . import cli
 from .corpus import Source, open_source
 from .errors import DataError
-from .shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
+from .shard_writer import ShardWriter
+from .shards import FORMAT, FORMAT_VERSION, MANIFEST, write_json_atomic
 from .tokenizer import encode_documents, load_tokenizer, token_dtype
 
 JOURNAL = ".prepare-progress.json"

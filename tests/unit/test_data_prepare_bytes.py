@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import data.prepare as prepare_module
-import data.shards as shards_module
+import data.shard_writer as shard_writer_module
 from data.corpus import _as_utf8, open_source
 from data.prepare import JOURNAL
-from data.shards import ShardWriter
+from data.shard_writer import ShardWriter
 from data.tokenizer import ByteTokenizer, encode_documents
 from tests.data_helpers import generated_documents, prepare_dataset, snapshot, write_jsonl
 
@@ -136,8 +136,8 @@ def test_background_writer_raises_an_io_error_in_the_caller(tmp_path, monkeypatc
     def broken(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards_module, "_BACKGROUND_SYNC", 1 << 10)
-    monkeypatch.setattr(shards_module, "_fdatasync", broken)
+    monkeypatch.setattr(shard_writer_module, "_BACKGROUND_SYNC", 1 << 10)
+    monkeypatch.setattr(shard_writer_module, "_fdatasync", broken)
     w = ShardWriter(tmp_path, "train", np.uint16, shard_tokens=1 << 20, eos_id=256, background=True)
     with pytest.raises(OSError, match="No space left"):
         for _ in range(100):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data import DataError, verify
-from data.shards import INDEX_DTYPE, ShardWriter, fingerprint, read_manifest
+from data.shard_writer import ShardWriter
+from data.shards import INDEX_DTYPE, fingerprint, read_manifest
 from data.stream import TokenStream
 from data.tokenizer import token_dtype
 from tests.data_helpers import doc_starts, prepare_dataset, stream
