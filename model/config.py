@@ -9,12 +9,37 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import Enum
 
 from data.errors import UserError
 
 
 class ConfigError(UserError):
     """A user's configuration mistake. Its message is one line naming the key at fault."""
+
+
+class Choice(str, Enum):
+    """A closed set of strings for a config field: the schema (OmegaConf) rejects any other value.
+
+    Each member is its string: it compares, hashes, prints, formats and serialises (json,
+    wandb) as its value, so code compares fields with plain strings ("sigmoid") and a config
+    round-tripped through JSON equals the original. OmegaConf looks values up by member name,
+    so every name must equal its value (tests/unit/test_config.py checks).
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class ScoreFunc(Choice):
+    softmax = "softmax"  # DeepSeek-V2
+    sigmoid = "sigmoid"  # DeepSeek-V3
 
 
 @dataclass
@@ -34,7 +59,7 @@ class ModelConfig:
     n_activated_experts: int = 6
     n_expert_groups: int = 1
     n_limited_groups: int = 1
-    score_func: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    score_func: ScoreFunc = ScoreFunc.softmax
     route_scale: float = 1.0
     # MLA
     q_lora_rank: int = 0  # 0 = no query compression (V2-Lite)
@@ -89,8 +114,8 @@ class ModelConfig:
             fail("inter_dim", "must be > 0 when there are dense layers")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
-        if self.score_func not in ("softmax", "sigmoid"):
-            fail("score_func", "must be 'softmax' or 'sigmoid'")
+        if self.score_func not in list(ScoreFunc):  # from_dict and direct construction bypass the schema
+            fail("score_func", f"must be one of {', '.join(ScoreFunc)}")
         if self.n_routed_experts > 0:
             if self.moe_inter_dim <= 0:
                 fail("moe_inter_dim", "must be > 0 with routed experts")

@@ -2,13 +2,18 @@
 
 The root dataclass is registered in Hydra's ConfigStore as `moeforge_schema` and listed first
 in conf/config.yaml's defaults, so every group file merges onto a typed node: an unknown key
-or a value of the wrong type fails composition. `load_config` turns Hydra/OmegaConf errors
-into a one-line `ConfigError` naming the key, and converts the result into dataclasses that
-each component receives separately (no monolithic config passed everywhere).
+or a value of the wrong type fails composition. Closed sets of strings are `Choice` enums, so
+the schema also rejects a value outside the set, while YAML and overrides keep plain spellings.
+`compose` and `to_config` turn Hydra/OmegaConf errors into a one-line `ConfigError` naming the
+key (`fp8.backend='x': must be one of off, te, torch, emulated`), and `to_config` converts the
+result into dataclasses that each component receives separately (no monolithic config passed
+everywhere).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.config import ConfigError, ModelConfig
+from model.config import Choice, ConfigError, ModelConfig
 
 from .cluster import ClusterConfig
 from .log import LoggingConfig
@@ -38,6 +43,14 @@ class DataConfig:
     document_aware: bool = False  # position ids restart per document; labels never cross one
 
 
+class Partition(Choice):
+    """How pipeline stages are balanced (parallel/pipeline.py `layer_costs`)."""
+
+    parameters = "parameters"
+    flops = "flops"  # training FLOPs per token
+    uniform = "uniform"  # the same number of blocks
+
+
 @dataclass
 class ParallelConfig:
     """Layout: world = pp × dp; expert parallelism (ep) lives inside dp."""
@@ -45,21 +58,38 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     zero_stage: int = 1  # 0, 1 or 2 (pipelines allow 0 or 1)
-    # Pipeline partition: parameters | flops | uniform (blocks), or explicit per-layer costs.
-    partition: str = "parameters"
-    layer_costs: list[float] = field(default_factory=list)  # [embedding, block 0..L-1, output]; overrides
+    partition: Partition = Partition.parameters
+    layer_costs: list[float] = field(default_factory=list)  # [embedding, block 0..L-1, output]; overrides partition
     activation_checkpoint_interval: int = 0  # pipelines: recompute every k blocks in backward; 0 = off
+
+
+class SpikeAction(Choice):
+    off = "off"
+    skip = "skip"  # drop the update
+    rollback = "rollback"  # reload the last checkpoint, skip its data since
 
 
 @dataclass
 class SpikeConfig:
     """Loss-spike detector (train/faults.py): loss > mean + max(k·std, min_rise·mean) of the last window."""
 
-    action: str = "skip"  # off | skip (drop the update) | rollback (reload the last checkpoint, skip its data since)
+    action: SpikeAction = SpikeAction.skip
     window: int = 100  # accepted losses the mean and spread are taken over
     k: float = 6.0  # standard deviations above the mean
     min_rise: float = 0.1  # and at least this fraction of the mean above it
     warmup: int = 100  # losses seen before the detector acts
+
+
+class Device(Choice):
+    auto = "auto"  # cuda when visible, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(Choice):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass
@@ -72,14 +102,21 @@ class TrainerConfig:
     global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 4  # sequences per rank per forward
     seq_len: int = 256
-    device: str = "auto"  # auto (cuda when visible, else cpu) | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
     compile: bool = False  # torch.compile each transformer block
     deterministic: bool = False  # deterministic algorithms (parity tests)
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     max_skipped: int = 10  # consecutive skipped updates (non-finite values, loss spikes) before the run stops
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+
+
+class Fp8Backend(Choice):
+    off = "off"
+    te = "te"  # Transformer Engine
+    torch = "torch"  # torch._scaled_mm
+    emulated = "emulated"  # quantise → dequantise in PyTorch, any device
 
 
 FP8_RECIPES = {"te": ("blockwise", "current", "delayed", "mxfp8"), "torch": ("tensorwise", "rowwise"),
@@ -90,8 +127,10 @@ FP8_RECIPES = {"te": ("blockwise", "current", "delayed", "mxfp8"), "torch": ("te
 class Fp8Config:
     """FP8 GEMMs of the model's projections (docs/fp8.md)."""
 
-    backend: str = "off"  # off | te | torch | emulated
-    recipe: str = ""  # per backend (FP8_RECIPES); "" = te/emulated blockwise, torch rowwise
+    backend: Fp8Backend = Fp8Backend.off
+    # Per backend (FP8_RECIPES); "" = te/emulated blockwise, torch rowwise. A str, not a Choice:
+    # OmegaConf looks enum values up by member name, and "" cannot be one.
+    recipe: str = ""
     block_size: int = 128  # emulated blockwise tile / block edge (DeepSeek-V3: 128)
     pow2_scales: bool = False  # round scales up to powers of two (TE's blocks, DeepSeek V3.1 ue8m0)
     exclude: list[str] = field(default_factory=list)  # linear names kept high precision (fnmatch: "attn.*")
@@ -103,8 +142,6 @@ class Fp8Config:
         return self.recipe or ("rowwise" if self.backend == "torch" else "blockwise")
 
     def validate(self) -> "Fp8Config":
-        if self.backend not in ("off", *FP8_RECIPES):
-            raise ConfigError(f"fp8.backend={self.backend!r}: must be off, te, torch or emulated")
         known = sorted({r for recipes in FP8_RECIPES.values() for r in recipes})
         if self.recipe and self.recipe not in known:
             raise ConfigError(f"fp8.recipe={self.recipe!r}: must be one of {', '.join(known)}")
@@ -152,12 +189,25 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def choice_type(key: str) -> type[Choice] | None:
+    """The `Choice` enum of a dotted schema key ("fp8.backend"), or None when it has none."""
+    node: object = Config
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(name)
+    return node if isinstance(node, type) and issubclass(node, Choice) else None
+
+
 def format_config_error(exc: BaseException) -> str:
     """One line naming the key at fault, from a Hydra or OmegaConf exception chain."""
     seen = exc
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException):
             key = getattr(seen, "full_key", None)
+            choice = choice_type(key) if key else None
+            if choice is not None:
+                return f"{key}={seen.value!r}: must be one of {', '.join(choice)}"
             msg = str(getattr(seen, "msg", None) or seen).strip().splitlines()[0]
             return f"{key}: {msg}" if key else msg
         seen = seen.__cause__ or seen.__context__
@@ -202,10 +252,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"trainer.{name}={getattr(t, name)}: must be > 0")
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"trainer.seq_len={t.seq_len}: exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"trainer.device={t.device!r}: must be auto, cpu or cuda")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"trainer.dtype={t.dtype!r}: must be auto, fp32 or bf16")
     if p.pp < 1 or p.ep < 1:
         raise ConfigError(f"parallel.pp={p.pp}, parallel.ep={p.ep}: must be >= 1")
     if p.zero_stage not in (0, 1, 2):
@@ -216,8 +262,6 @@ def validate(cfg: Config) -> Config:
     if c.keep < 1:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
     sp = t.spike
-    if sp.action not in ("off", "skip", "rollback"):
-        raise ConfigError(f"trainer.spike.action={sp.action!r}: must be off, skip or rollback")
     if sp.window < 2 or sp.warmup < 0 or sp.k <= 0 or sp.min_rise < 0:
         raise ConfigError(f"trainer.spike: window={sp.window} (>= 2), warmup={sp.warmup} (>= 0), k={sp.k} (> 0), "
                           f"min_rise={sp.min_rise} (>= 0)")
@@ -229,14 +273,11 @@ def validate(cfg: Config) -> Config:
 
 def check_layout(cfg: Config, world_size: int) -> int:
     """Validate the parallel layout against the world size; return dp. Before any process group."""
-    from parallel.pipeline import PARTITIONS
     from parallel.topology import Layout
 
     t, p = cfg.trainer, cfg.parallel
     layout = Layout(world_size, p.pp, p.ep).check(cfg.model, p.zero_stage)
     dp = layout.dp
-    if p.partition not in PARTITIONS:
-        raise ConfigError(f"parallel.partition={p.partition!r}: must be one of {', '.join(PARTITIONS)}")
     if p.layer_costs and len(p.layer_costs) != cfg.model.n_layers + 2:
         raise ConfigError(f"parallel.layer_costs: {len(p.layer_costs)} values; need model.n_layers + 2 = "
                           f"{cfg.model.n_layers + 2} (embedding, each block, output)")

@@ -73,3 +73,46 @@ def test_unknown_key_in_a_preset_file_is_named(tmp_path, monkeypatch):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="model.nonsense"):
         ModelConfig.from_dict({"nonsense": 1})
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("fp8.backend", "off, te, torch, emulated"),
+    ("trainer.device", "auto, cpu, cuda"),
+    ("trainer.dtype", "auto, fp32, bf16"),
+    ("trainer.spike.action", "off, skip, rollback"),
+    ("parallel.partition", "parameters, flops, uniform"),
+    ("model.score_func", "softmax, sigmoid"),
+])
+def test_a_value_outside_a_closed_set_is_one_line_naming_the_key_and_the_choices(key, allowed):
+    with pytest.raises(ConfigError) as info:
+        compose([f"{key}=bogus"])
+    assert str(info.value) == f"{key}='bogus': must be one of {allowed}"
+
+
+def test_choices_are_their_strings_through_asdict_and_json():
+    import json
+    from dataclasses import asdict, fields, is_dataclass
+
+    from model.config import Choice
+    from parallel.pipeline import PARTITIONS
+    from train.config import Config, Partition, choice_type, to_config
+
+    def choice_keys(schema, prefix=""):
+        for f in fields(schema):
+            sub = getattr(schema(), f.name)
+            if is_dataclass(sub):
+                yield from choice_keys(type(sub), f"{prefix}{f.name}.")
+            elif choice_type(f"{prefix}{f.name}"):
+                yield f"{prefix}{f.name}"
+
+    keys = list(choice_keys(Config))
+    assert len(keys) == 6, keys
+    for key in keys:
+        choice = choice_type(key)
+        assert [m.name for m in choice] == [m.value for m in choice], key  # OmegaConf looks names up
+    assert tuple(Partition) == PARTITIONS
+    cfg = to_config(compose(["fp8=emulated", "trainer.dtype=bf16", "parallel.partition=flops"]))
+    assert isinstance(cfg.fp8.backend, Choice) and cfg.fp8.backend == "emulated" and f"{cfg.fp8.backend}" == "emulated"
+    d = asdict(cfg)
+    back = json.loads(json.dumps(d))
+    assert back == d and back["trainer"]["dtype"] == "bf16" and type(back["parallel"]["partition"]) is str
