@@ -55,7 +55,7 @@ def build_config(name: str) -> ModelConfig:
 def hf_model(cfg: ModelConfig, experts_impl: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from model.hf import to_hf_config
+    from model.hf_config import to_hf_config
 
     d = to_hf_config(cfg)
     hf_cfg = AutoConfig.for_model(d.pop("model_type"), **d)

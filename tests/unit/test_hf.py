@@ -17,6 +17,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import model.hf as hf
+import model.hf_config as hf_config
+import model.hf_names as hf_names
 from model import ModelConfig, Transformer
 from model.hf import HFCheckpointError
 from model.mla import MLA
@@ -160,13 +162,13 @@ def test_router_bias_and_norms_reach_the_logits(tmp_path):
 
 
 MISTAKES = {
-    "experts-w1-w3-swapped": lambda mp: (mp.setitem(hf.EXPERT_NAMES, "ffn.experts.w1", "up_proj"),
-                                         mp.setitem(hf.EXPERT_NAMES, "ffn.experts.w3", "gate_proj")),
-    "dense-w1-w3-swapped": lambda mp: (mp.setitem(hf.BLOCK_NAMES, "ffn.w1.weight", "mlp.up_proj.weight"),
-                                       mp.setitem(hf.BLOCK_NAMES, "ffn.w3.weight", "mlp.gate_proj.weight")),
+    "experts-w1-w3-swapped": lambda mp: (mp.setitem(hf_names.EXPERT_NAMES, "ffn.experts.w1", "up_proj"),
+                                         mp.setitem(hf_names.EXPERT_NAMES, "ffn.experts.w3", "gate_proj")),
+    "dense-w1-w3-swapped": lambda mp: (mp.setitem(hf_names.BLOCK_NAMES, "ffn.w1.weight", "mlp.up_proj.weight"),
+                                       mp.setitem(hf_names.BLOCK_NAMES, "ffn.w3.weight", "mlp.gate_proj.weight")),
     "attn-ffn-norms-swapped": lambda mp: (
-        mp.setitem(hf.BLOCK_NAMES, "attn_norm.weight", "post_attention_layernorm.weight"),
-        mp.setitem(hf.BLOCK_NAMES, "ffn_norm.weight", "input_layernorm.weight")),
+        mp.setitem(hf_names.BLOCK_NAMES, "attn_norm.weight", "post_attention_layernorm.weight"),
+        mp.setitem(hf_names.BLOCK_NAMES, "ffn_norm.weight", "input_layernorm.weight")),
     "rope-layout-ignored": lambda mp: mp.setattr(hf, "_deinterleave_rope_rows", lambda model: None),
     "yarn-ignored": lambda mp: _patch_rope(mp, lambda rope: rope.update(original_seq_len=64)),
     "yarn-mscale-ignored": lambda mp: _patch_rope(mp, lambda rope: rope.update(mscale=0.0)),
@@ -174,14 +176,14 @@ MISTAKES = {
 
 
 def _patch_rope(mp, edit) -> None:
-    parse = hf._parse_rope
+    parse = hf_config._parse_rope
 
     def patched(*args):
         rope = parse(*args)
         edit(rope)
         return rope
 
-    mp.setattr(hf, "_parse_rope", patched)
+    mp.setattr(hf_config, "_parse_rope", patched)
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))
@@ -294,11 +296,11 @@ def test_config_maps_both_ways_and_rope_equals_transformers(cfg, cls):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
-    d = hf.to_hf_config(cfg)
+    d = hf_config.to_hf_config(cfg)
     assert d["model_type"] == cls.model_type and d["tie_word_embeddings"] is False
     theirs = cls(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
-    assert hf.from_hf_config(theirs.to_dict()) == cfg  # what transformers itself writes
-    assert hf.from_hf_config(json.loads(json.dumps(d))) == cfg
+    assert hf_config.from_hf_config(theirs.to_dict()) == cfg  # what transformers itself writes
+    assert hf_config.from_hf_config(json.loads(json.dumps(d))) == cfg
     scale = yarn_apply_mscale(theirs.rope_parameters, cfg.qk_head_dim**-0.5)
     assert scale == pytest.approx(MLA(cfg).softmax_scale, rel=1e-12)
     if theirs.rope_parameters["rope_type"] == "yarn":
@@ -337,7 +339,7 @@ RELEASED_V2_LITE = {  # DeepSeek-V2-Lite config.json as released
 
 @pytest.mark.parametrize("released, preset, mscale", [(RELEASED_V3, "671b", 1.0), (RELEASED_V2_LITE, "16b", 0.707)])
 def test_released_configs_map_to_our_presets(released, preset, mscale):
-    cfg = hf.from_hf_config(released)
+    cfg = hf_config.from_hf_config(released)
     expected = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
     expected.pop("max_seq_len"), expected.pop("original_seq_len")  # presets train at 4K without YaRN
     assert {k: getattr(cfg, k) for k in expected} == expected
