@@ -37,6 +37,13 @@ class Layout:
         """Expert-data-parallel size: replicas of each expert."""
         return self.dp // self.ep
 
+    def zero_stage(self, requested: int, bf16: bool) -> int:
+        """The ZeRO stage DeepSpeed runs for `parallel.zero_stage=requested`: none at dp = 1
+        (nothing to partition), and at least 1 in bf16, where stages 0 and 1 both run DeepSpeed's
+        BF16_Optimizer with FP32 gradient accumulation (parallel/engine.py `deepspeed_config`)."""
+        stage = requested if self.dp > 1 else 0
+        return max(stage, 1) if bf16 else stage
+
     def check(self, model: ModelConfig | None = None, zero_stage: int | None = None) -> "Layout":
         """One-line ConfigError naming the values when the layout cannot run."""
         if self.pp < 1 or self.ep < 1:

@@ -26,7 +26,8 @@ tests/integration/test_plan_cli.py):
 - two Adam moments in `moments` precision (FP32 in moeforge's AdamW; DeepSeek-V3 §3.3 kept
   them in BF16), partitioned like the master;
 - dense (non-expert) states shard over dp, expert states over the expert-data-parallel group
-  (dp / ep), the experts themselves over ep. At dp = 1 the trainer uses ZeRO stage 0.
+  (dp / ep), the experts themselves over ep. The ZeRO stage is the one DeepSpeed runs
+  (`Layout.zero_stage`: none at dp = 1, at least 1 in bf16).
 
 Time: each stage's FLOPs per micro-batch over the cluster's peak (FP8 for the projections when
 fp8 is on, BF16 for attention, router and head) × a stated efficiency, plus the communication
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 
 from model.config import ModelConfig
 from model.flops import attention_flops_per_token, block_params, flops_per_token, param_counts
+from parallel.topology import Layout
 
 from .cluster import ClusterConfig
 
@@ -51,10 +53,8 @@ FP8_BYTES = 1 + 4 / 128  # E4M3 value + one FP32 scale per 1×128 tile (DeepSeek
 class Setup:
     """Everything a plan depends on besides the model and the cluster."""
 
-    world: int
-    pp: int = 1
-    ep: int = 1
-    zero_stage: int = 1
+    layout: Layout
+    zero_stage: int = 1  # parallel.zero_stage, as configured
     micro_batch: int = 1
     global_batch: int = 1
     seq_len: int = 4096
@@ -65,12 +65,24 @@ class Setup:
     stage_bounds: list[int] = field(default_factory=list)  # block boundaries [0, …, n_layers]
 
     @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
     def dp(self) -> int:
-        return self.world // self.pp
+        return self.layout.dp
 
     @property
     def edp(self) -> int:
-        return self.dp // self.ep
+        return self.layout.edp
 
     @property
     def grad_accum(self) -> int:
@@ -78,10 +90,8 @@ class Setup:
 
     @property
     def effective_zero(self) -> int:
-        """The ZeRO stage DeepSpeed runs: none at dp = 1 (the trainer's choice), and at least 1 in
-        bf16 (BF16_Optimizer with fp32 gradient accumulation, parallel/engine.py)."""
-        zero = self.zero_stage if self.dp > 1 else 0
-        return max(zero, 1) if self.act_bytes == 2 else zero
+        """The ZeRO stage DeepSpeed runs (`Layout.zero_stage`)."""
+        return self.layout.zero_stage(self.zero_stage, bf16=self.dtype == "bf16")
 
     @property
     def act_bytes(self) -> int:

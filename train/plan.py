@@ -65,18 +65,21 @@ def load(overrides: list[str]):
     return cfg
 
 
-def setup_of(cfg, world: int, moments: str, **layout) -> Setup:
-    """The Setup of a config (layout fields overridable for --search), stage bounds as the trainer cuts them."""
+def setup_of(cfg, world: int, moments: str, **overrides) -> Setup:
+    """The Setup of a config (pp, ep and the other Setup fields overridable for --search), stage
+    bounds as the trainer cuts them."""
     from parallel.pipeline import balanced_stages, layer_costs
+    from parallel.topology import Layout
 
     p, t = cfg.parallel, cfg.trainer
     values = dict(pp=p.pp, ep=p.ep, zero_stage=p.zero_stage, micro_batch=t.micro_batch_size,
                   recompute_interval=p.activation_checkpoint_interval)
-    values.update(layout)
+    values.update(overrides)
+    layout = Layout(world, values.pop("pp"), values.pop("ep"))
     costs = list(p.layer_costs) or layer_costs(cfg.model, p.partition, t.seq_len)
     dtype = t.dtype if t.dtype != "auto" else cfg.cluster.dtype
-    return Setup(world=world, global_batch=t.global_batch_size, seq_len=t.seq_len, fp8=cfg.fp8.backend != "off",
-                 dtype=dtype, moments=moments, stage_bounds=balanced_stages(costs, values["pp"]), **values)
+    return Setup(layout, global_batch=t.global_batch_size, seq_len=t.seq_len, fp8=cfg.fp8.backend != "off",
+                 dtype=dtype, moments=moments, stage_bounds=balanced_stages(costs, layout.pp), **values)
 
 
 def check(cfg, world: int) -> None:
@@ -149,7 +152,7 @@ def search(cfg, world: int, moments: str, top: int) -> tuple[list[Plan], Plan | 
     m, t = cfg.model, cfg.trainer
     feasible, closest = [], None
     for pp in [d for d in range(1, min(world, m.n_layers) + 1) if world % d == 0]:
-        dp = world // pp
+        dp = Layout(world, pp).dp
         for ep in [e for e in range(1, dp + 1) if dp % e == 0 and m.n_routed_experts % e == 0]:
             if ep > 1 and m.n_layers <= m.n_dense_layers:
                 continue
@@ -201,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check(cfg, world)
         if opts["check"]:
-            p = cfg.parallel
-            dp = world // p.pp
-            print(f"ok: {world} processes = pp {p.pp} × dp {dp}; ep {p.ep} inside dp "
-                  f"(expert-data-parallel {dp // p.ep})")
+            from parallel.topology import Layout
+
+            lay = Layout(world, cfg.parallel.pp, cfg.parallel.ep)
+            print(f"ok: {world} processes = pp {lay.pp} × dp {lay.dp}; ep {lay.ep} inside dp "
+                  f"(expert-data-parallel {lay.edp})")
             return 0
         pl = plan(cfg.model, cfg.cluster, setup_of(cfg, world, opts["moments"]))
     except UserError as exc:

@@ -10,6 +10,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.flops import param_counts
+from parallel.topology import Layout
 from train.cluster import ClusterConfig
 from train.estimate import GIB, Setup, distinct_ranks_per_token, plan
 from train.plan import setup_of
@@ -29,6 +30,19 @@ def test_distinct_ranks_per_token():
     two = distinct_ranks_per_token(64, 6, 2)  # 1 - P(all six on one side) each side
     assert math.isclose(two, 2 * (1 - math.comb(32, 6) / math.comb(64, 6)))
     assert all(distinct_ranks_per_token(256, 8, ep) <= min(ep, 8) for ep in (2, 8, 64, 256))
+
+
+@pytest.mark.parametrize("dp, requested, bf16, runs", [
+    (1, 2, False, 0), (1, 1, False, 0),  # fp32 at dp = 1: nothing to partition, no ZeRO
+    (4, 0, False, 0), (4, 1, False, 1), (4, 2, False, 2),  # fp32 at dp > 1: as configured
+    (1, 2, True, 1), (1, 0, True, 1),  # bf16: BF16_Optimizer, stage 1, even at dp = 1
+    (4, 0, True, 1), (4, 1, True, 1), (4, 2, True, 2),
+])
+def test_zero_stage_deepspeed_runs(dp, requested, bf16, runs):
+    layout = Layout(world=dp)
+    assert layout.zero_stage(requested, bf16) == runs
+    setup = Setup(layout, zero_stage=requested, dtype="bf16" if bf16 else "fp32")
+    assert setup.effective_zero == runs  # the planner's stage is the same rule
 
 
 def test_bubble_and_in_flight_activations(cfg):
@@ -99,7 +113,7 @@ def test_fp32_run_without_zero_is_sixteen_bytes_per_parameter():
     m = ModelConfig(vocab_size=512, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=2, n_heads=4,
                     n_routed_experts=8, n_activated_experts=2, q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32,
                     qk_rope_head_dim=16, v_head_dim=32, max_seq_len=64, original_seq_len=64).validate()
-    st = plan(m, ClusterConfig(dtype="fp32"), Setup(world=1, seq_len=64, dtype="fp32")).stages[0]
+    st = plan(m, ClusterConfig(dtype="fp32"), Setup(Layout(1), seq_len=64, dtype="fp32")).stages[0]
     n = param_counts(m).total
     assert (st.weights, st.grads, st.master, st.moments) == (4 * n, 4 * n, 0, 8 * n)
     assert st.total / GIB < 1
