@@ -89,15 +89,13 @@ def run(name: str, data: Path, blocks: int, steps: int) -> dict:
         bare = Bare(cfg, batches)
         trainer.model.train()
         tokens = t.global_batch_size * t.seq_len
-        trainer.train_step()  # warm-up of both
+        trainer.loop_step()  # warm-up of both
         bare.step()
         times = {"trainer": [], "bare": []}
         for _ in range(blocks):
             t0 = time.perf_counter()
             for _ in range(steps):
-                trainer.train_step()
-                if trainer.step % t.log_interval == 0:  # the real loop's logging cost
-                    trainer.logger.log(trainer.step, {"kind": "train", "loss": 0.0})
+                trainer.loop_step()  # the real loop: step, metrics logged every log_interval
             times["trainer"].append((time.perf_counter() - t0) / steps)
             t0 = time.perf_counter()
             for _ in range(steps):

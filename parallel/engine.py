@@ -82,10 +82,11 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
                      device_type: str) -> dict:
     """The DeepSpeed JSON config (the pipeline engine reads the same keys).
 
-    bf16: bf16 weights and gradients, fp32 master weights and fp32 gradient accumulation (as
+    `zero_stage` is the stage DeepSpeed runs, from `Layout.zero_stage` (parallel/topology.py),
+    which holds the rule below. bf16: bf16 weights and gradients, fp32 master weights and fp32 gradient accumulation (as
     DeepSeek-V3 keeps them, report §3.3.3; the Adam moments stay fp32 here). DeepSpeed picks its
     optimizer wrapper from (zero stage, grad_accum_dtype, pipeline):
-    - ZeRO stage 0, 1 → stage 1 with `grad_accum_dtype: fp32`, i.e. `BF16_Optimizer` (fp32
+    - ZeRO stage 0, 1 → `Layout.zero_stage` gives stage 1, with `grad_accum_dtype: fp32`, i.e. `BF16_Optimizer` (fp32
       masters and moments partitioned over data-parallel ranks, fp32 gradient accumulators,
       reduced in fp32), with or without a pipeline, at dp = 1 too. DeepSpeed refuses fp32
       accumulation without ZeRO, and its stage-0 choices are worse: `FP16_UnfusedOptimizer`
@@ -115,7 +116,8 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     if bf16:
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-        cfg["zero_optimization"]["stage"] = max(zero_stage, 1)  # see the docstring
+        if zero_stage < 1:
+            raise ValueError("bf16 needs ZeRO stage >= 1 (Layout.zero_stage gives it; see the docstring)")
     return cfg
 
 
@@ -125,99 +127,3 @@ def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dic
 
     engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
     return engine, optimizer
-
-
-
-def record_grad_norm(engine, expert_group=None) -> None:
-    """Stage-0 (no ZeRO) clipping with the right global norm, kept for `get_global_grad_norm()`.
-
-    DeepSpeed's ZeRO optimizers record the norm; its stage-0 fp32 path calls
-    `deepspeed.runtime.utils.clip_grad_norm_`, which under a pipeline counts only the first
-    stage's parameters (it treats the pipe group as tensor-parallel: non-TP parameters are
-    counted on model-parallel rank 0 only) and drops the value. Measured: the logged norm of a
-    pp=2 run was stage 0's alone and clipping used it. This replaces that one method: the norm
-    sums every stage once (tied replicas marked `ds_pipe_replicated` skipped, as ZeRO does)
-    and each expert shard once over the expert-parallel group.
-    """
-
-    def clip_and_record():
-        dense = torch.zeros((), dtype=torch.float64)
-        expert = torch.zeros((), dtype=torch.float64)
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        for p in params:
-            if getattr(p, "ds_pipe_replicated", False):
-                continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if getattr(p, "allreduce", True):
-                dense += sq
-            else:
-                expert += sq
-        if expert_group is not None:
-            torch.distributed.all_reduce(expert, group=expert_group)
-        total = dense + expert
-        if engine.mpu is not None:
-            torch.distributed.all_reduce(total, group=engine.mpu.get_model_parallel_group())
-        norm = float(total.sqrt())
-        coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
-        if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
-        engine._global_grad_norm = norm
-
-    engine.clip_fp32_gradients = clip_and_record
-
-
-def install_step_guard(engine, decide) -> None:
-    """Call `decide() -> skip` on every rank right before each optimizer update; skip it when True.
-
-    `decide` is collective (the trainer all-reduces the step's losses, a non-finite flag and the
-    preemption flag there), so every rank makes the same choice at the same step. A skipped step
-    goes through DeepSpeed's own overflow path: gradients are cleared, parameters and optimizer
-    state stay bitwise unchanged and `engine.skipped_steps` counts it.
-
-    - DeepSpeed's ZeRO optimizer (fp32 ZeRO-1/2, bf16 ZeRO-2): the optimizer's overflow check
-      (`has_overflow`, called once per step before the norm and the update) becomes `decide()`.
-      DeepSpeed also skips a step whose gradient norm is not finite, which is global, so ranks
-      still agree.
-    - Otherwise (the plain torch optimizer of an fp32 run without ZeRO, and DeepSpeed's
-      BF16_Optimizer, which every bf16 run at ZeRO stage 0 or 1 uses): the optimizer's `step` is
-      wrapped; `overflow` is the attribute the engine reads to count skipped steps.
-    Pipelines call the optimizer step at the end of `train_batch` on every stage, so the same
-    hook decides before the update there too.
-    """
-    opt = engine.optimizer
-    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # DeepSpeedZeroOptimizer
-        opt.check_grad_overflow = True
-        opt.has_overflow = lambda partition_gradients=True: bool(decide())
-        return
-    step = opt.step
-
-    def guarded_step(*args, **kwargs):
-        if decide():
-            # BF16_Optimizer's zero_grad also zeroes its fp32 gradient accumulators (clear_hp_grads):
-            # the skipped step's gradients must not reach the next update.
-            opt.zero_grad(set_to_none=True)
-            opt.overflow = True
-            return None
-        opt.overflow = False
-        return step(*args, **kwargs)
-
-    opt.step = guarded_step
-
-
-def local_grads_finite(engine) -> bool:
-    """Whether this rank's gradients for the coming update are finite (ZeRO partitions, BF16_Optimizer's
-    fp32 accumulators, or .grad)."""
-    opt = engine.optimizer
-    hp = getattr(opt, "fp32_groups_gradients_flat", None)
-    if hp:  # BF16_Optimizer: the sum of every micro-batch (a bf16 .grad holds at most the last one)
-        return all(bool(torch.isfinite(g).all()) for g in hp)
-    if hasattr(opt, "has_overflow_partitioned_grads_serial") and getattr(opt, "averaged_gradients", None):
-        try:
-            return not bool(opt.has_overflow_partitioned_grads_serial())
-        except (KeyError, IndexError, TypeError):
-            pass  # a group without reduced gradients yet: fall back to .grad (DeepSpeed's norm check remains)
-    for p in engine.module.parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return False
-    return True

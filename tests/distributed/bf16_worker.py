@@ -77,12 +77,17 @@ def lp_partitions(opt) -> list[torch.Tensor]:
             for i in range(len(opt.fp32_groups_flat_partition))]
 
 
+def _host(value):
+    """A step output as a JSON value (the gradient norm stays a device tensor until read)."""
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
 def snapshot(trainer: Trainer) -> dict:
     opt = trainer.optimizer
     acc = accumulators(opt)
-    return {"weights": _digest(p for p in trainer.module.parameters()),
+    return {"weights": _digest(p for p in trainer.model.parameters()),
             "masters": _digest(masters(opt)), "moments": _digest(adam_state(opt)),
-            "buffers": _digest(trainer.module.buffers()),
+            "buffers": _digest(trainer.model.buffers()),
             "accumulators_zero": None if acc is None else all(bool((g == 0).all()) for g in acc)}
 
 
@@ -114,7 +119,7 @@ def describe(trainer: Trainer) -> dict:
     opt = trainer.optimizer
     acc = accumulators(opt)
     return {"optimizer": type(opt).__name__, "base": type(getattr(opt, "optimizer", opt)).__name__,
-            "params": sorted({str(p.dtype) for p in trainer.module.parameters()}),
+            "params": sorted({str(p.dtype) for p in trainer.model.parameters()}),
             "masters": sorted({str(t.dtype) for t in masters(opt)}),
             "moments": sorted({str(t.dtype) for t in adam_state(opt) if t.dim() > 0}),
             "accumulators": None if acc is None else sorted({str(g.dtype) for g in acc}),
@@ -142,7 +147,7 @@ def run(out_path: str, data: str, steps: int, save_at: set[int], overrides: list
         records, states, master = [], [], []
         while trainer.step < steps:
             out = trainer.train_step()
-            records.append({"step": trainer.step, **{k: out[k] for k in ("loss", "mtp_loss", "grad_norm", "skipped")}})
+            records.append({"step": trainer.step, **{k: _host(out[k]) for k in ("loss", "mtp_loss", "grad_norm", "skipped")}})
             states.append(snapshot(trainer))
             if bf16_opt:
                 stats, before = master_stats(trainer.optimizer, before)

@@ -63,7 +63,7 @@ def run(out_path: str, data: str, steps: int, overrides: list[str]) -> None:
             interval = cfg.checkpoint.interval if n_mtp else 0
             for _ in range(steps):
                 out = trainer.train_step()
-                steps_out.append({k: out[k] for k in ("loss", "mtp_loss", "balance_loss", "grad_norm")})
+                steps_out.append({k: float(out[k]) for k in ("loss", "mtp_loss", "balance_loss", "grad_norm")})
                 if interval and trainer.step % interval == 0:
                     trainer.save_checkpoint()
             val = trainer.evaluate()["val_loss"]  # the pipeline path runs DeepSpeed's eval_batch

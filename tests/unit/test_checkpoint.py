@@ -12,7 +12,7 @@ import torch
 from parallel import state as pstate
 from train import checkpoint_dir as ckpt
 from train.faults import Faults, SpikeDetector, inject
-from train.trainer import rng_state, set_rng_state
+from train.checkpoint import rng_state, set_rng_state
 
 
 def make_checkpoint(root, step: int, payload: bytes = b"weights") -> "Path":
