@@ -1,4 +1,4 @@
-"""A real two-node launch on one machine (issue 8): two launch/torchrun.sh "nodes" on loopback.
+"""A real two-node launch on one machine: two launch/torchrun.sh "nodes" on loopback.
 
 Two torchrun agents with --nnodes 2, node ranks 0 and 1 and one c10d rendezvous endpoint on
 127.0.0.1, two workers each, train the smoke model at pp=2 × dp=2 with ep=2, saving a

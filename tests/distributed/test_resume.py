@@ -1,4 +1,4 @@
-"""Resume is bit-exact at the same layout and continues at another (issue 7), and export works from any.
+"""Resume is bit-exact at the same layout and continues at another, and export works from any.
 
 The uninterrupted runs are the parity runs of tests/distributed/conftest.py: 20 steps of the
 smoke model with MTP, deterministic float32 on CPU, saving at steps 10 and 20. Each test here

@@ -1,4 +1,4 @@
-"""Faults (issue 7): skipped updates, loss spikes, rollback, preemption, crashes during a save, bad resumes.
+"""Faults: skipped updates, loss spikes, rollback, preemption, crashes during a save, bad resumes.
 
 Every run is the real CLI in new processes, deterministic float32 on the CPU. Faults are injected
 with MOEFORGE_FAULTS (train/faults.py): a NaN loss or NaN gradient on one rank, a loss ×20, a

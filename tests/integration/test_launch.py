@@ -1,5 +1,5 @@
 """launch/: shellcheck on every script, the dry runs of a 2-node and a 256-node launch, and bad
-counts refused before any worker starts (issue 8). The real two-node run on loopback is in
+counts refused before any worker starts. The real two-node run on loopback is in
 tests/distributed/test_multinode.py."""
 
 from __future__ import annotations

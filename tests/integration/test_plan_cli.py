@@ -1,4 +1,4 @@
-"""`python -m train.plan` end to end, and the plan against what the trainer really allocates (issue 8).
+"""`python -m train.plan` end to end, and the plan against what the trainer really allocates.
 
 Measured on the 2-core CPU box: the CLI ~4 s (imports), in-process plans < 1 s, --search over
 2,048 GPUs ~2 s; the memory checks ~5 s (smoke), ~8 s (51M parameters), ~13 s (2 processes).

@@ -1,4 +1,4 @@
-"""Trainer options through the real CLI (issue 4): torch.compile of the blocks, the batch-size ramp.
+"""Trainer options through the real CLI: torch.compile of the blocks, the batch-size ramp.
 
 Measured on the 2-core CPU box (torch 2.13, inductor C++ backend):
 - compile: the compiled run of the small MoE model below takes ~170 s with a cold inductor cache

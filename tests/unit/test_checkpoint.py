@@ -1,4 +1,4 @@
-"""Checkpoint directory protocol, manifest verification, state index, spike detector, RNG (issue 7)."""
+"""Checkpoint directory protocol, manifest verification, state index, spike detector, RNG."""
 
 from __future__ import annotations
 
