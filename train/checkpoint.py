@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.durable import write_file_synced
 from model.config import ConfigError
 from parallel import state as pstate
 from parallel.topology import Layout
@@ -108,7 +109,7 @@ class CheckpointManager:
         state_file = tmp / f"state-{self.rank:05d}.safetensors"
         rows = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
         rng_file = tmp / f"rank-{self.rank:05d}.json"
-        ckpt.write_durable(rng_file, json.dumps(rng_state()).encode())
+        write_file_synced(rng_file, json.dumps(rng_state()).encode())
         records = dict(ckpt.file_record(f) for f in (state_file, rng_file))
         gathered = self._gather((state_file.name, rows, shapes, records))
         self.faults.crash_point("shards")
@@ -119,7 +120,7 @@ class CheckpointManager:
                 all_records.update(rec)
                 files[fname] = r
             pstate.write_index(tmp / pstate.INDEX, all_shapes, files)
-            ckpt.write_durable(tmp / "trainer.json", json.dumps(self.trainer_state(), indent=1).encode())
+            write_file_synced(tmp / "trainer.json", json.dumps(self.trainer_state(), indent=1).encode())
             all_records.update(dict(ckpt.file_record(tmp / n) for n in (pstate.INDEX, "trainer.json")))
             ckpt.write_manifest(tmp, all_records, self.progress.step)
             self.faults.crash_point("manifest")

@@ -34,8 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data.durable import fsync_path, replace_dir, write_bytes_durable
-from data.durable import write_file_synced as write_durable
+from data.durable import fsync_path, replace_dir, write_bytes_durable, write_file_synced
 from data.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -68,7 +67,7 @@ def file_record(path: Path) -> tuple[str, dict]:
 
 def write_manifest(tmp: Path, records: dict[str, dict], step: int) -> None:
     body = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(records.items()))}
-    write_durable(tmp / MANIFEST, json.dumps(body, indent=1).encode())
+    write_file_synced(tmp / MANIFEST, json.dumps(body, indent=1).encode())
     fsync_path(tmp)
 
 
