@@ -113,23 +113,25 @@ class Hooks:
 
         def clip_and_record():
             self._fire("stage-0 gradient norm")
-            dense, expert = [], []
+            grads, dense, expert = [], [], []
             for p in engine.module.parameters():
-                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                if p.grad is None:
                     continue
-                (dense if getattr(p, "allreduce", True) else expert).append(p.grad.detach())
-            total = _sum_of_squares(dense)
+                grads.append(p.grad.detach())  # every gradient is clipped, a tied replica's too
+                if not getattr(p, "ds_pipe_replicated", False):  # counted once, on its first stage
+                    (dense if getattr(p, "allreduce", True) else expert).append(p.grad.detach())
+            device = grads[0].device if grads else torch.device("cpu")
+            total = _sum_of_squares(dense, device)
             if expert_group is not None:
-                sq = _sum_of_squares(expert)
+                sq = _sum_of_squares(expert, device)
                 dist.all_reduce(sq, group=expert_group)
                 total = total + sq
             elif expert:
-                total = total + _sum_of_squares(expert)
+                total = total + _sum_of_squares(expert, device)
             if engine.mpu is not None:
                 dist.all_reduce(total, group=engine.mpu.get_model_parallel_group())
             norm = total.sqrt()
             coef = (engine.gradient_clipping() / (norm + 1e-6)).clamp(max=1.0)
-            grads = dense + expert
             if grads:
                 torch._foreach_mul_(grads, coef.to(grads[0].dtype))
             engine._global_grad_norm = norm
@@ -137,10 +139,10 @@ class Hooks:
         engine.clip_fp32_gradients = clip_and_record
 
 
-def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Σ‖g‖² in float64, on the gradients' device, without a host read."""
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     norms = torch._foreach_norm([g.double() for g in grads])
     return torch.stack(norms).square().sum()
 
