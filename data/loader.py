@@ -67,7 +67,7 @@ from .permutation import IndexPermutation, derive_keys
 from .stream import TokenStream
 
 STATE_VERSION = 1
-IGNORE_INDEX = -100  # labels masked in document-aware mode (model/transformer.py's ignore index)
+IGNORE_INDEX = -100  # labels masked in document-aware mode (model/mtp.py's IGNORE_INDEX, which cross_entropy skips)
 # Sequence indices are computed for at least this many micro-steps / sequences per vectorised
 # call: numpy's per-call overhead then costs well under a microsecond per batch.
 _PLAN_STEPS, _PLAN_SEQUENCES = 64, 4096

@@ -59,7 +59,7 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metric sinks (group `logging/`, conf/logging/default.yaml).
+    """Metric sinks (`logging.*` keys; docs/config.md lists them).
 
     wandb: see WandbConfig.
     progress_bar: tqdm bar with ETA on rank 0's stderr (only when stderr is a terminal).
