@@ -121,7 +121,9 @@ def _rate(tok_s: float | None) -> str:
 def console_line(step: int, total: int, m: dict) -> str:
     """One readable line, e.g. `step 120/1000 | loss 3.2140 | mtp 3.402 | lr 2.90e-04 | gnorm 0.82 |
     41.2k tok/s | mfu 38.1% | mem 12.30 GiB | load max/mean 1.31`. Keys absent from `m` are
-    left out; present but null ones print "n/a" (mfu on a CPU)."""
+    left out; present but null ones print "n/a" (mfu on a CPU). A skipped update ends the line
+    with `| skipped: <reason>`, and the running counts `skipped updates N` and `rollbacks N`
+    follow once they are non-zero."""
     parts = [f"step {step}/{total}"]
     if m.get("kind") == "eval":
         parts.append(f"val loss {_num(m.get('val_loss'), '.4f')}")
@@ -138,8 +140,12 @@ def console_line(step: int, total: int, m: dict) -> str:
         parts.append(f"mem {_num(m['mem_peak_gib'], '.2f')} GiB")
     if "expert_load_max_over_mean" in m:
         parts.append(f"load max/mean {_num(m['expert_load_max_over_mean'], '.2f')}")
-    if m.get("skipped_steps"):
-        parts.append(f"skipped {m['skipped_steps']}")
+    if m.get("skipped"):
+        parts.append(f"skipped: {m['skipped']}")
+    if m.get("skipped_updates"):
+        parts.append(f"skipped updates {m['skipped_updates']}")
+    if m.get("rollbacks"):
+        parts.append(f"rollbacks {m['rollbacks']}")
     return " | ".join(parts)
 
 

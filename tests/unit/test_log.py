@@ -38,6 +38,17 @@ def test_console_line_reads_as_documented():
         "step 100/1000 | val loss 3.1000 | val ppl 22.20"
 
 
+def test_console_line_shows_a_skipped_update_and_the_running_counts():
+    """The trainer logs `skipped` (the reason or null), `skipped_updates` and `rollbacks`."""
+    skipped = {"loss": 9.5, "skipped": "loss spike", "skipped_updates": 2, "rollbacks": 1}
+    assert console_line(7, 10, skipped) == ("step 7/10 | loss 9.5000 | skipped: loss spike | skipped updates 2 | "
+                                            "rollbacks 1")
+    later = {"loss": 3.0, "skipped": None, "skipped_updates": 2, "rollbacks": 0}
+    assert console_line(8, 10, later) == "step 8/10 | loss 3.0000 | skipped updates 2"
+    clean = {"loss": 3.0, "skipped": None, "skipped_updates": 0, "rollbacks": 0}
+    assert console_line(9, 10, clean) == "step 9/10 | loss 3.0000"  # nothing to report: nothing shown
+
+
 def test_jsonl_gets_one_flushed_object_per_call_with_step_and_kind(tmp_path, capsys):
     log = MetricsLogger(tmp_path / "run", cfg(), rank=0, total_steps=10, run_config={})
     log.log(1, TRAIN)
