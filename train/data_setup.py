@@ -2,7 +2,9 @@
 
 `check_dataset` runs in every process before distributed init: a missing manifest, a damaged
 or truncated shard (size check; SHA-256 is verified by rank 0 before training reads it), a
-newer manifest format or a vocabulary larger than the model's are one-line errors there.
+newer manifest format, a vocabulary larger than the model's, or a split too small for one batch
+(`check_batch_fits`) are one-line errors there. A dataset prepared on demand gets the same
+checks from `ensure_dataset` once rank 0 has prepared it.
 """
 
 from __future__ import annotations
@@ -37,8 +39,45 @@ def _prepared(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-def check_dataset(cfg: Config) -> None:
-    """Cheap checks of the dataset against the model, in every process, before anything is built."""
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; 1 for `python -m train`
+
+
+def check_batch_fits(cfg: Config, m: dict, world_size: int) -> None:
+    """DataError when a split holds fewer sequences than the loader built on it takes at once.
+
+    A split of T tokens holds (T − 1) // seq_len sequences (data/loader.py). Training reads one
+    global batch (trainer.global_batch_size sequences) at a time — with a batch-size ramp one
+    micro-step, micro_batch_size × dp — and evaluation (trainer.eval_interval > 0) one micro-step
+    of the val split.
+    """
+    t = cfg.trainer
+    dp = max(world_size // max(cfg.parallel.pp, 1), 1)
+    per_micro_step = t.micro_batch_size * dp
+    need = {"train": per_micro_step if cfg.schedule.batch_ramp_tokens > 0 else t.global_batch_size}
+    if t.eval_interval:
+        need["val"] = per_micro_step
+    for split, sequences in need.items():
+        tokens = int(split_entry(m, split)["tokens"])
+        have = max(tokens - 1, 0) // t.seq_len
+        if have >= sequences:
+            continue
+        if split == "train" and cfg.schedule.batch_ramp_tokens <= 0:
+            what = f"trainer.global_batch_size={t.global_batch_size} × trainer.seq_len={t.seq_len}"
+        else:
+            what = f"trainer.micro_batch_size={t.micro_batch_size} × dp={dp} sequences × trainer.seq_len={t.seq_len}"
+        hint = ("set trainer.eval_interval=0, or prepare with a larger data.prepare val_fraction" if split == "val"
+                else "use more data, or a smaller trainer.global_batch_size or trainer.seq_len")
+        raise DataError(f"{m['_path']}: split '{split}' has {tokens:,} tokens ({have} sequences of {t.seq_len}), "
+                        f"fewer than one batch: {what} = {sequences * t.seq_len + 1:,} tokens; {hint}")
+
+
+def check_dataset(cfg: Config, world_size: int | None = None) -> None:
+    """Cheap checks of the dataset against the model, in every process, before anything is built.
+
+    world_size: the number of processes (default: torchrun's WORLD_SIZE, else 1), for the data-
+    parallel size of `check_batch_fits`.
+    """
     path = dataset_path(cfg)
     if cfg.data.prepare_input and not _prepared(path):
         return  # rank 0 prepares it after init; checked then
@@ -49,6 +88,7 @@ def check_dataset(cfg: Config) -> None:
     for split in ("train", "val"):
         split_entry(m, split)
     check_sizes(m)
+    check_batch_fits(cfg, m, _world_size() if world_size is None else world_size)
 
 
 def ensure_dataset(cfg: Config, rank: int) -> Path:
@@ -63,7 +103,8 @@ def ensure_dataset(cfg: Config, rank: int) -> Path:
                 print(f"preparing {cfg.data.prepare_input} with tokenizer {cfg.data.tokenizer} into {path} (once)")
                 prepare(PrepareConfig(input=cfg.data.prepare_input, output=str(path), tokenizer=cfg.data.tokenizer,
                                       progress=False).validate())
-            verify(path, vocab_size=cfg.model.vocab_size)
+            m = verify(path, vocab_size=cfg.model.vocab_size)
+            check_batch_fits(cfg, m, dist.get_world_size() if dist.is_initialized() else _world_size())
         except DataError as exc:
             error[0] = str(exc)
     if dist.is_initialized() and dist.get_world_size() > 1:

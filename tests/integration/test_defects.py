@@ -1,0 +1,55 @@
+"""Regression tests of defects found end to end: each runs the real command line on a tiny input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_train_cli import TINY, assert_user_error, run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> Path:
+    """Four short text files: about 2,600 byte tokens, all in the train split (val is empty)."""
+    folder = tmp_path_factory.mktemp("tiny") / "text"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"doc{i}.txt").write_text(f"hello world, some text number {i}. " * 20)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tiny_text) -> Path:
+    out = tiny_text.parent / "prepared"
+    r = subprocess.run([sys.executable, "-m", "data.prepare", f"input={tiny_text}", f"output={out}", "tokenizer=byte",
+                        "progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_dataset_smaller_than_one_global_batch_is_a_one_line_error(tiny_dataset, tmp_path):
+    # 2,6xx tokens hold 41 sequences of 64; one global batch of 64 needs 64 × 64 + 1 tokens.
+    r = run_train([f"data.path={tiny_dataset}", *TINY, "trainer.global_batch_size=64",
+                   f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=300)
+    assert_user_error(r, str(tiny_dataset / "manifest.json"), "split 'train'", "41 sequences of 64",
+                      "trainer.global_batch_size=64 × trainer.seq_len=64 = 4,097 tokens")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_dataset_prepared_on_demand_too_small_is_a_one_line_error(tiny_text, tmp_path):
+    """data.prepare_input: rank 0 prepares it after init, and the same check follows."""
+    r = run_train([f"data.prepare_input={tiny_text}", "data.tokenizer=byte", *TINY, "trainer.global_batch_size=64",
+                   f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=300)
+    assert_user_error(r, "split 'train'", "trainer.global_batch_size=64 × trainer.seq_len=64")
+
+
+def test_empty_val_split_with_evaluation_on_is_a_one_line_error(tiny_dataset, tmp_path):
+    args = [a for a in TINY if not a.startswith("trainer.eval_interval=")]
+    r = run_train([f"data.path={tiny_dataset}", *args, "trainer.eval_interval=2", "trainer.max_steps=4",
+                   f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=300)
+    assert_user_error(r, "split 'val' has 0 tokens", "trainer.eval_interval=0")
