@@ -79,7 +79,7 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int, grad_clip: float,
                      bf16: bool, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                     device_type: str) -> dict:
+                     device_type: str, extra: dict | None = None) -> dict:
     """The DeepSpeed JSON config (the pipeline engine reads the same keys).
 
     `zero_stage` is the stage DeepSpeed runs, from `Layout.zero_stage` (parallel/topology.py),
@@ -115,6 +115,10 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
+    `extra` (`parallel.deepspeed`) is merged in last, key by key into nested mappings (a value
+    that is not a mapping replaces ours). train/config.py `check_deepspeed` has already refused
+    the keys set here from moeforge's own config and checked the rest against DeepSpeed's schema.
+
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         if zero_stage < 1:
             raise ValueError("bf16 needs ZeRO stage >= 1 (Layout.zero_stage gives it; see the docstring)")
@@ -127,3 +131,14 @@ def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dic
 
     engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
     return engine, optimizer
+
+    import copy
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(cfg, extra or {})

@@ -130,7 +130,7 @@ class StepModule:
             zero_stage=layout.zero_stage(cfg.parallel.zero_stage, self.dtype == torch.bfloat16),
             grad_clip=cfg.optim.grad_clip, bf16=self.dtype == torch.bfloat16, lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-            device_type=self.device.type)
+            device_type=self.device.type, extra=cfg.parallel.deepspeed)
         groups = param_groups(self.model, cfg.optim.weight_decay)
         self.engine, self.optimizer = ds_engine.initialize(self._engine_module(), groups, ds_cfg)
         self.grad_accum = grad_accum

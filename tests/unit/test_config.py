@@ -116,3 +116,89 @@ def test_choices_are_their_strings_through_asdict_and_json():
     d = asdict(cfg)
     back = json.loads(json.dumps(d))
     assert back == d and back["trainer"]["dtype"] == "bf16" and type(back["parallel"]["partition"]) is str
+
+
+def test_a_wrong_group_option_names_the_group_the_option_and_the_available_ones():
+    with pytest.raises(ConfigError) as info:
+        compose(["model=nonexistent"])
+    assert str(info.value) == "model=nonexistent: no such option; available: 16b, 236b, 671b, smoke, tiny"
+    with pytest.raises(ConfigError, match=r"^experiment=nope: no such option; available: smoke$"):
+        compose(["+experiment=nope"])
+
+
+def test_a_comma_list_without_multirun_says_how_to_sweep():
+    with pytest.raises(ConfigError, match=r"^optim\.lr=1e-3,3e-3: a comma list is a sweep; add -m"):
+        compose(["optim.lr=1e-3,3e-3"])
+
+
+def _ds_kwargs(**over):
+    kw = dict(micro_batch_size=2, grad_accum=4, zero_stage=1, grad_clip=1.0, bf16=True, lr=1e-3,
+              betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, device_type="cpu")
+    return {**kw, **over}
+
+
+def test_deepspeed_extra_is_deep_merged_after_ours():
+    from parallel.engine import deepspeed_config
+
+    base = deepspeed_config(**_ds_kwargs())
+    assert deepspeed_config(**_ds_kwargs(extra={})) == base == deepspeed_config(**_ds_kwargs(extra=None))
+    extra = {"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 50_000_000},
+             "communication_data_type": "fp32", "steps_per_print": 10}
+    merged = deepspeed_config(**_ds_kwargs(extra=extra))
+    assert merged["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 50_000_000}
+    assert merged["communication_data_type"] == "fp32" and merged["steps_per_print"] == 10
+    assert merged["optimizer"] == base["optimizer"] and merged["bf16"] == base["bf16"]
+    merged["zero_optimization"]["overlap_comm"] = False
+    assert extra["zero_optimization"]["overlap_comm"] is True  # the caller's dict is not aliased
+
+
+def test_parallel_deepspeed_defaults_to_empty_and_reaches_the_typed_config():
+    from train.config import to_config
+
+    assert to_config(compose([])).parallel.deepspeed == {}
+    cfg = to_config(compose(["+parallel.deepspeed.zero_optimization.reduce_bucket_size=50000000",
+                             "+parallel.deepspeed.zero_optimization.overlap_comm=true",
+                             "+parallel.deepspeed.communication_data_type=fp32"]))
+    assert cfg.parallel.deepspeed == {"zero_optimization": {"reduce_bucket_size": 50_000_000, "overlap_comm": True},
+                                      "communication_data_type": "fp32"}
+
+
+@pytest.mark.parametrize("override, line", [
+    ("gradient_clipping=2.0", "parallel.deepspeed.gradient_clipping: set by moeforge from optim.grad_clip; use that key"),
+    ("train_micro_batch_size_per_gpu=8", "parallel.deepspeed.train_micro_batch_size_per_gpu: set by moeforge from "
+                                         "trainer.micro_batch_size; use that key"),
+    ("train_batch_size=8", "parallel.deepspeed.train_batch_size: set by moeforge from trainer.global_batch_size"),
+    ("gradient_accumulation_steps=8", "parallel.deepspeed.gradient_accumulation_steps: set by moeforge from "
+                                      "trainer.global_batch_size"),
+    ("zero_optimization.stage=2", "parallel.deepspeed.zero_optimization.stage: set by moeforge from parallel.zero_stage"),
+    ("zero_optimization=2", "parallel.deepspeed.zero_optimization: set by moeforge from parallel.zero_stage"),
+    ("optimizer.params.lr=1.0", "parallel.deepspeed.optimizer: set by moeforge from optim.*; use those keys"),
+    ("bf16.enabled=false", "parallel.deepspeed.bf16: set by moeforge from trainer.dtype"),
+    ("data_types.grad_accum_dtype=bf16", "parallel.deepspeed.data_types: set by moeforge from trainer.dtype"),
+    ("scheduler.type=WarmupLR", "parallel.deepspeed.scheduler: set by moeforge from schedule.*"),
+])
+def test_a_deepspeed_key_moeforge_sets_is_refused_naming_ours(override, line):
+    from train.config import to_config
+
+    with pytest.raises(ConfigError) as info:
+        to_config(compose([f"+parallel.deepspeed.{override}"]))
+    assert str(info.value).startswith(line) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("bogus_key=1", "parallel.deepspeed.bogus_key: not a DeepSpeed "),
+    ("comunication_data_type=fp32", "(did you mean communication_data_type?)"),
+    ("zero_optimization.bogus=1", "parallel.deepspeed.zero_optimization.bogus: not a DeepSpeed "),
+    ("zero_optimization.reduce_bucket_size=abc", "parallel.deepspeed.zero_optimization.reduce_bucket_size='abc': "),
+    ("zero_optimization.offload_optimizer.device=gpu",
+     "parallel.deepspeed.zero_optimization.offload_optimizer.device='gpu': Input should be 'none', 'cpu' or 'nvme'"),
+    ("tensorboard.bogus=1", "parallel.deepspeed.tensorboard.bogus: not a DeepSpeed "),
+    ("communication_data_type=int3", "parallel.deepspeed.communication_data_type: Invalid communication_data_type"),
+])
+def test_deepspeed_settings_are_checked_against_deepspeeds_schema(override, line):
+    from train.config import to_config
+
+    with pytest.raises(ConfigError) as info:
+        to_config(compose([f"+parallel.deepspeed.{override}"]))
+    msg = str(info.value)
+    assert line in msg and "\n" not in msg, msg
