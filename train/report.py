@@ -25,6 +25,10 @@ code 2; a plots/ folder that cannot be written, exit code 1. A last line without
 (the run was killed mid-write) is skipped with a warning: the plots of a crashed run are
 exactly the ones one wants. Steps logged again by a run resumed from an earlier checkpoint
 replace the earlier lines.
+
+In-process, `render` of a run that logged no training record returns no plots instead: the
+trainer's summary of a run started again at its last step (trainer.max_steps already reached)
+has nothing to plot, and that is not an error.
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ def _check(rec, where: str) -> None:
             raise ReportError(f"{where}: '{key}' is not a number")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of run_dir/metrics.jsonl, validated; ReportError on bad input.
+def read_metrics(run_dir: Path, require_train: bool = True) -> list[dict]:
+    """The records of run_dir/metrics.jsonl, validated; ReportError on bad input, and (with
+    `require_train`) when there is no training record.
 
     Streamed line by line, and each "expert_load" matrix is reduced while reading to its
     per-layer maximum ("_layer_max"), the full matrix kept only on the last record that has
@@ -113,7 +118,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 records.append(rec)
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: unreadable ({exc})") from None
-    if not any(r["kind"] == "train" for r in records):
+    if require_train and not any(r["kind"] == "train" for r in records):
         raise ReportError(f"{path}: no training records")
     return records
 
@@ -253,14 +258,18 @@ def _latest(rows: list[dict]) -> list[dict]:
     return out
 
 
-def render(run_dir: Path) -> list[Path]:
+def render(run_dir: Path, require_train: bool = False) -> list[Path]:
     """Write the plots of `run_dir` into run_dir/plots/ and return their paths.
 
-    ReportError on bad input; nothing is left in plots/ from a failed render."""
+    ReportError on bad input; nothing is left in plots/ from a failed render. A metrics.jsonl
+    without training records (a run started at its last step logs none) gives [] and no
+    plots/, or, with `require_train` (the command line), a ReportError."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, require_train)
     train = _latest([r for r in records if r["kind"] == "train"])
     evals = _latest([r for r in records if r["kind"] == "eval"])
+    if not train:
+        return []
     tmp = Path(tempfile.mkdtemp(prefix=".plots-", dir=run_dir))
     try:
         names = []
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        for path in render(Path(argv[0])):
+        for path in render(Path(argv[0]), require_train=True):
             print(path)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,37 @@ def test_empty_val_split_with_evaluation_on_is_a_one_line_error(tiny_dataset, tm
     r = run_train([f"data.path={tiny_dataset}", *args, "trainer.eval_interval=2", "trainer.max_steps=4",
                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=300)
     assert_user_error(r, "split 'val' has 0 tokens", "trainer.eval_interval=0")
+
+
+def test_render_of_a_run_without_training_records_draws_nothing(tmp_path, capsys):
+    """The trainer's summary of a run started at its last step: metrics.jsonl exists but has no
+    training line. In-process that is no plots; the command line still calls it an error."""
+    from train import report
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert report.render(tmp_path) == []
+    assert not (tmp_path / "plots").exists() and not list(tmp_path.glob(".plots-*"))
+    assert report.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'metrics.jsonl'}: no training records\n"
+
+
+def test_a_finished_run_started_again_exits_0_and_raising_max_steps_continues_it(tiny_dataset, tmp_path):
+    ckpt = tmp_path / "ckpt"
+
+    def train(max_steps: int, run: str) -> subprocess.CompletedProcess:
+        return run_train([f"data.path={tiny_dataset}", *TINY, f"trainer.max_steps={max_steps}",
+                          f"checkpoint.dir={ckpt}", f"hydra.run.dir={tmp_path / run}"], tmp_path, timeout=300)
+
+    r = train(2, "r1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002"]
+    r = train(2, "r2")  # the newest checkpoint is at trainer.max_steps: nothing to do
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002"]
+    assert not (tmp_path / "r2" / "plots").exists()
+    r = train(3, "r3")  # a higher trainer.max_steps resumes from step 2
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002", "step-00000003"]
