@@ -82,6 +82,10 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
                      device_type: str, extra: dict | None = None) -> dict:
     """The DeepSpeed JSON config (the pipeline engine reads the same keys).
 
+    `extra` (`parallel.deepspeed`) is merged in last, key by key into nested mappings (a value
+    that is not a mapping replaces ours). train/config.py `check_deepspeed` has already refused
+    the keys set here from moeforge's own config and checked the rest against DeepSpeed's schema.
+
     `zero_stage` is the stage DeepSpeed runs, from `Layout.zero_stage` (parallel/topology.py),
     which holds the rule below. bf16: bf16 weights and gradients, fp32 master weights and fp32 gradient accumulation (as
     DeepSeek-V3 keeps them, report §3.3.3; the Adam moments stay fp32 here). DeepSpeed picks its
@@ -115,22 +119,9 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
-    `extra` (`parallel.deepspeed`) is merged in last, key by key into nested mappings (a value
-    that is not a mapping replaces ours). train/config.py `check_deepspeed` has already refused
-    the keys set here from moeforge's own config and checked the rest against DeepSpeed's schema.
-
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         if zero_stage < 1:
             raise ValueError("bf16 needs ZeRO stage >= 1 (Layout.zero_stage gives it; see the docstring)")
-    return cfg
-
-
-def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dict):
-    """deepspeed.initialize → (engine, optimizer)."""
-    import deepspeed
-
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
-    return engine, optimizer
 
     import copy
 
@@ -142,3 +133,12 @@ def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dic
                 into[key] = copy.deepcopy(value)
 
     merge(cfg, extra or {})
+    return cfg
+
+
+def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dict):
+    """deepspeed.initialize → (engine, optimizer)."""
+    import deepspeed
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
+    return engine, optimizer

@@ -204,15 +204,6 @@ def choice_type(key: str) -> type[Choice] | None:
 
 def format_config_error(exc: BaseException) -> str:
     """One line naming the key at fault, from a Hydra or OmegaConf exception chain."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OmegaConfBaseException):
-            key = getattr(seen, "full_key", None)
-            choice = choice_type(key) if key else None
-            if choice is not None:
-                return f"{key}={seen.value!r}: must be one of {', '.join(choice)}"
-            msg = str(getattr(seen, "msg", None) or seen).strip().splitlines()[0]
-            return f"{key}: {msg}" if key else msg
     from hydra.errors import MissingConfigException
 
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
@@ -223,6 +214,15 @@ def format_config_error(exc: BaseException) -> str:
         arg = first.split("'", 1)[-1].rstrip("'")
         return (f"{arg}: a comma list is a sweep; add -m (--multirun) to run each value, or write "
                 "[a,b] for a list, 'a,b' for a string")
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            key = getattr(seen, "full_key", None)
+            choice = choice_type(key) if key else None
+            if choice is not None:
+                return f"{key}={seen.value!r}: must be one of {', '.join(choice)}"
+            msg = str(getattr(seen, "msg", None) or seen).strip().splitlines()[0]
+            return f"{key}: {msg}" if key else msg
         seen = seen.__cause__ or seen.__context__
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -281,24 +281,10 @@ def validate(cfg: Config) -> Config:
     if t.max_skipped < 1:
         raise ConfigError(f"trainer.max_skipped={t.max_skipped}: must be >= 1")
     cfg.fp8.validate()
+    check_deepspeed(cfg)
     return cfg
 
 
-def check_layout(cfg: Config, world_size: int) -> int:
-    """Validate the parallel layout against the world size; return dp. Before any process group."""
-    from parallel.topology import Layout
-
-    t, p = cfg.trainer, cfg.parallel
-    layout = Layout(world_size, p.pp, p.ep).check(cfg.model, p.zero_stage)
-    dp = layout.dp
-    if p.layer_costs and len(p.layer_costs) != cfg.model.n_layers + 2:
-        raise ConfigError(f"parallel.layer_costs: {len(p.layer_costs)} values; need model.n_layers + 2 = "
-                          f"{cfg.model.n_layers + 2} (embedding, each block, output)")
-    if p.activation_checkpoint_interval < 0:
-    check_deepspeed(cfg)
-        raise ConfigError(f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval}: must be >= 0")
-    if p.activation_checkpoint_interval and p.pp == 1:
-        raise ConfigError("parallel.activation_checkpoint_interval: activation checkpointing runs through "
 # DeepSpeed config keys moeforge sets from its own config (parallel/engine.py `deepspeed_config`),
 # with the key to use instead; `parallel.deepspeed` may not set them or anything under them.
 DEEPSPEED_OWNED = {
@@ -461,6 +447,20 @@ def check_deepspeed(cfg: Config) -> None:
             raise ConfigError(f"parallel.deepspeed.{key}: not a DeepSpeed {deepspeed.__version__} config key{hint}")
 
 
+def check_layout(cfg: Config, world_size: int) -> int:
+    """Validate the parallel layout against the world size; return dp. Before any process group."""
+    from parallel.topology import Layout
+
+    t, p = cfg.trainer, cfg.parallel
+    layout = Layout(world_size, p.pp, p.ep).check(cfg.model, p.zero_stage)
+    dp = layout.dp
+    if p.layer_costs and len(p.layer_costs) != cfg.model.n_layers + 2:
+        raise ConfigError(f"parallel.layer_costs: {len(p.layer_costs)} values; need model.n_layers + 2 = "
+                          f"{cfg.model.n_layers + 2} (embedding, each block, output)")
+    if p.activation_checkpoint_interval < 0:
+        raise ConfigError(f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval}: must be >= 0")
+    if p.activation_checkpoint_interval and p.pp == 1:
+        raise ConfigError("parallel.activation_checkpoint_interval: activation checkpointing runs through "
                           "DeepSpeed's pipeline module; set parallel.pp >= 2 or leave it at 0")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"trainer.global_batch_size={t.global_batch_size}: not divisible by "
