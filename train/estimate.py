@@ -23,8 +23,8 @@ tests/integration/test_plan_cli.py):
 - BF16 (FP32 gradient accumulation, parallel/engine.py): at ZeRO 0 or 1 DeepSpeed's
   BF16_Optimizer, an FP32 master partition and full-size FP32 gradient accumulators beside the
   BF16 `.grad`; at ZeRO-2 FP32 master and gradient partitions (`.grad` freed into them);
-- two Adam moments in `moments` precision (FP32 in moeforge's AdamW; DeepSeek-V3 §3.3 kept
-  them in BF16), partitioned like the master;
+- two FP32 Adam moments (moeforge's AdamW keeps them in FP32; DeepSeek-V3 §3.3 kept them in
+  BF16, which the trainer does not do), partitioned like the master;
 - dense (non-expert) states shard over dp, expert states over the expert-data-parallel group
   (dp / ep), the experts themselves over ep. The ZeRO stage is the one DeepSpeed runs
   (`Layout.zero_stage`: none at dp = 1, at least 1 in bf16).
@@ -61,7 +61,6 @@ class Setup:
     recompute_interval: int = 0  # parallel.activation_checkpoint_interval
     fp8: bool = False
     dtype: str = "bf16"  # compute precision: bf16 | fp32
-    moments: str = "fp32"  # Adam moment precision: fp32 | bf16
     stage_bounds: list[int] = field(default_factory=list)  # block boundaries [0, …, n_layers]
 
     @property
@@ -248,7 +247,6 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
     m = max(1, s.grad_accum)
     zero = s.effective_zero
     bf16_optimizer = b == 2 and zero == 1  # DeepSpeed's BF16_Optimizer, partitioned like ZeRO-1
-    mb = 2 if s.moments == "bf16" else 4
     gpn = cluster.gpus_per_node
     bounds = s.stage_bounds or [0, cfg.n_layers]
     peak_bf16 = cluster.peak_bf16_tflops * 1e12 * cluster.efficiency
@@ -289,7 +287,7 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
             # partition: the larger of the dense and the expert partitions is alive at the peak
             # (measured: tests/integration/test_plan_cli.py).
             p.grads += 4 * max(dense / dshard, expert / eshard)
-        p.moments = 2 * mb * opt_side
+        p.moments = 2 * 4 * opt_side  # two FP32 moments
         # --- activations: micro-batches in flight on this stage under 1F1B
         in_flight = min(m, s.pp - st)
         per_micro = sum(_block_bytes(cfg, i, s) for i in ids) * T

@@ -1,7 +1,7 @@
 """`python -m train.plan model=… cluster=… nodes=… parallel.pp=… parallel.ep=… [--search | --check]`
 
 What a layout needs before you book the GPUs: per GPU and per pipeline stage the weights,
-gradients, master weights and Adam moments (by ZeRO stage and precision), the activations of
+gradients, master weights and FP32 Adam moments (by ZeRO stage and precision), the activations of
 the micro-batch with and without recomputation (FP8-cached when fp8 is on), all-to-all and
 pipeline buffers against the GPU's memory; the 1F1B bubble; the step time and tokens/s per GPU
 from FLOPs, the cluster's peaks and its stated efficiency; EP, PP and DP bytes per step.
@@ -10,7 +10,6 @@ The formulas and what they follow: train/estimate.py.
 Arguments are the trainer's Hydra overrides plus the planner's own keys:
   nodes=N            nodes of the cluster (= cluster.nodes); world = nodes × cluster.gpus_per_node
   gpus_per_node=G    (= cluster.gpus_per_node)
-  moments=fp32|bf16  Adam moment precision (moeforge's AdamW: fp32; DeepSeek-V3: bf16)
   top=K              --search: how many layouts to list (default 15)
   --search           list the feasible layouts sorted by estimated tokens/s per GPU
   --check            only check that the layout divides the world (launch scripts call this)
@@ -33,7 +32,7 @@ PLAN_KEYS = {"nodes": "cluster.nodes", "gpus_per_node": "cluster.gpus_per_node"}
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
     """Split the planner's own flags and keys from the Hydra overrides."""
-    overrides, opts = [], {"search": False, "check": False, "moments": "fp32", "top": 15}
+    overrides, opts = [], {"search": False, "check": False, "top": 15}
     for arg in argv:
         key, eq, value = arg.partition("=")
         if arg in ("--search", "--check"):
@@ -42,10 +41,6 @@ def parse(argv: list[str]) -> tuple[list[str], dict]:
             raise ConfigError(f"{arg}: unknown option (--search, --check)")
         elif eq and key in PLAN_KEYS:
             overrides.append(f"{PLAN_KEYS[key]}={value}")
-        elif eq and key == "moments":
-            if value not in ("fp32", "bf16"):
-                raise ConfigError(f"moments={value!r}: must be fp32 or bf16")
-            opts["moments"] = value
         elif eq and key == "top":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"top={value!r}: must be a positive integer")
@@ -65,7 +60,7 @@ def load(overrides: list[str]):
     return cfg
 
 
-def setup_of(cfg, world: int, moments: str, **overrides) -> Setup:
+def setup_of(cfg, world: int, **overrides) -> Setup:
     """The Setup of a config (pp, ep and the other Setup fields overridable for --search), stage
     bounds as the trainer cuts them."""
     from parallel.pipeline import balanced_stages, layer_costs
@@ -79,7 +74,7 @@ def setup_of(cfg, world: int, moments: str, **overrides) -> Setup:
     costs = list(p.layer_costs) or layer_costs(cfg.model, p.partition, t.seq_len)
     dtype = t.dtype if t.dtype != "auto" else cfg.cluster.dtype
     return Setup(layout, global_batch=t.global_batch_size, seq_len=t.seq_len, fp8=cfg.fp8.backend != "off",
-                 dtype=dtype, moments=moments, stage_bounds=balanced_stages(costs, layout.pp), **values)
+                 dtype=dtype, stage_bounds=balanced_stages(costs, layout.pp), **values)
 
 
 def check(cfg, world: int) -> None:
@@ -101,7 +96,7 @@ def describe(pl: Plan, cfg) -> str:
     s, c = pl.setup, pl.cluster
     lines = [f"model {total_params(cfg.model) / 1e9:.2f}B parameters (with MTP) on {c.name}: "
              f"{c.nodes} nodes × {c.gpus_per_node} GPUs = {s.world}; pp={s.pp} dp={s.dp} ep={s.ep} "
-             f"(expert-data-parallel {s.edp}), ZeRO-{s.effective_zero}, {s.dtype} weights, {s.moments} Adam moments, "
+             f"(expert-data-parallel {s.edp}), ZeRO-{s.effective_zero}, {s.dtype} weights, fp32 Adam moments, "
              f"fp8 {'on (projection inputs cached in FP8, dispatch in FP8)' if s.fp8 else 'off'}",
              f"batch: global {s.global_batch} × {s.seq_len} tokens, micro {s.micro_batch}, "
              f"{s.grad_accum} micro-batches per step per pipeline; recompute "
@@ -145,7 +140,7 @@ def does_not_fit(pl: Plan) -> str:
             f"trainer.micro_batch_size={s.micro_batch})")
 
 
-def search(cfg, world: int, moments: str, top: int) -> tuple[list[Plan], Plan | None]:
+def search(cfg, world: int, top: int) -> tuple[list[Plan], Plan | None]:
     """Every layout the trainer accepts for `world`: (feasible sorted by tokens/s, closest infeasible)."""
     from parallel.topology import Layout
 
@@ -162,7 +157,7 @@ def search(cfg, world: int, moments: str, top: int) -> tuple[list[Plan], Plan | 
                         continue
                     for rc in ((0, 1) if pp > 1 else (0,)):
                         Layout(world, pp, ep).check(m, zero)
-                        pl = plan(m, cfg.cluster, setup_of(cfg, world, moments, pp=pp, ep=ep, zero_stage=zero,
+                        pl = plan(m, cfg.cluster, setup_of(cfg, world, pp=pp, ep=ep, zero_stage=zero,
                                                            micro_batch=micro, recompute_interval=rc))
                         if pl.fits:
                             feasible.append(pl)
@@ -195,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(overrides)
         world = cfg.cluster.world
         if opts["search"]:
-            found, closest = search(cfg, world, opts["moments"], opts["top"])
+            found, closest = search(cfg, world, opts["top"])
             if not found:
                 detail = does_not_fit(closest) if closest else "no layout divides the world"
                 print(f"error: no layout fits on {world} GPUs; closest: {detail}", file=sys.stderr)
@@ -210,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: {world} processes = pp {lay.pp} × dp {lay.dp}; ep {lay.ep} inside dp "
                   f"(expert-data-parallel {lay.edp})")
             return 0
-        pl = plan(cfg.model, cfg.cluster, setup_of(cfg, world, opts["moments"]))
+        pl = plan(cfg.model, cfg.cluster, setup_of(cfg, world))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -86,7 +86,7 @@ def main(out: str, overrides: list[str]) -> None:
         trainer.close()
     measured = {k: sum(v.values()) for k, v in seen.items()}
     stage = env.rank // dp
-    planned_stage = plan(cfg.model, cfg.cluster, setup_of(cfg, env.world_size, "fp32")).stages[stage]
+    planned_stage = plan(cfg.model, cfg.cluster, setup_of(cfg, env.world_size)).stages[stage]
     planned = {"weights": planned_stage.weights, "grads": planned_stage.grads + planned_stage.pipe_buffers,
                "master": planned_stage.master, "moments": planned_stage.moments}
     per_rank = [None] * env.world_size

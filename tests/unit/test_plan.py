@@ -46,7 +46,7 @@ def test_zero_stage_deepspeed_runs(dp, requested, bf16, runs):
 
 
 def test_bubble_and_in_flight_activations(cfg):
-    s = setup_of(cfg, 32, "fp32", pp=4, ep=8)
+    s = setup_of(cfg, 32, pp=4, ep=8)
     assert s.grad_accum == 256 // 8 == 32
     p = plan(cfg.model, cfg.cluster, s)
     assert math.isclose(p.bubble, 3 / (32 + 3))
@@ -57,7 +57,7 @@ def test_bubble_and_in_flight_activations(cfg):
 
 
 def test_zero_stages_shard_what_they_should(cfg):
-    base = setup_of(cfg, 32, "fp32", pp=1, ep=8)
+    base = setup_of(cfg, 32, pp=1, ep=8)
     fp32 = dataclasses.replace(base, dtype="fp32")
     z1 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=1)).stages[0]
     z2 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=2)).stages[0]
@@ -70,8 +70,6 @@ def test_zero_stages_shard_what_they_should(cfg):
     b0, b1, b2 = (plan(cfg.model, cfg.cluster, dataclasses.replace(base, dtype="bf16", zero_stage=z)).stages[0]
                   for z in (0, 1, 2))
     assert b0 == b1 and b1.moments == z1.moments and b2.grads < b1.grads / 3
-    bf16 = plan(cfg.model, cfg.cluster, dataclasses.replace(fp32, zero_stage=1, moments="bf16")).stages[0]
-    assert math.isclose(bf16.moments, z1.moments / 2)
     # the experts are sharded over ep, the rest replicated: parameters per GPU add up to the model
     m = cfg.model
     total = z1.dense_params + z1.expert_params * 8
@@ -80,14 +78,14 @@ def test_zero_stages_shard_what_they_should(cfg):
 
 def test_stage_parameters_add_up_to_the_model(cfg):
     m = dataclasses.replace(cfg.model, n_mtp_layers=1)
-    s = setup_of(cfg, 32, "fp32", pp=4, ep=2)
+    s = setup_of(cfg, 32, pp=4, ep=2)
     p = plan(m, cfg.cluster, s)
     held = sum(st.dense_params + st.expert_params * 2 for st in p.stages)
     assert held == param_counts(m, include_mtp=True).total + m.vocab_size * m.dim  # + the tied embedding replica
 
 
 def test_recompute_and_fp8_caching_reduce_activations(cfg):
-    s = setup_of(cfg, 32, "fp32", pp=4, ep=8)
+    s = setup_of(cfg, 32, pp=4, ep=8)
     base = plan(cfg.model, cfg.cluster, s).stages[0]
     rc = plan(cfg.model, cfg.cluster, dataclasses.replace(s, recompute_interval=1)).stages[0]
     f8 = plan(cfg.model, cfg.cluster, dataclasses.replace(s, fp8=True)).stages[0]
@@ -96,7 +94,7 @@ def test_recompute_and_fp8_caching_reduce_activations(cfg):
 
 
 def test_time_follows_peak_efficiency_and_overlap(cfg):
-    s = setup_of(cfg, 32, "fp32", pp=2, ep=16)  # ep 16 spans two nodes: the all-to-all crosses IB
+    s = setup_of(cfg, 32, pp=2, ep=16)  # ep 16 spans two nodes: the all-to-all crosses IB
     p = plan(cfg.model, cfg.cluster, s)
     assert p.step_s and p.tokens_per_s_per_gpu and 0 < p.mfu < 1
     assert math.isclose(p.tokens_per_s_per_gpu * p.step_s * 32, 256 * 4096)
@@ -149,7 +147,7 @@ def test_activations_match_what_autograd_keeps(overrides):
     ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         model.losses(ids[:, :-1], ids[:, 1:])
-    st = plan(cfg.model, cfg.cluster, setup_of(cfg, 1, "fp32")).stages[0]
+    st = plan(cfg.model, cfg.cluster, setup_of(cfg, 1)).stages[0]
     transient = t.micro_batch_size * t.seq_len * cfg.model.vocab_size * 4  # one head's logits: live, not kept
     planned = st.act_no_recompute - transient
     assert abs(sum(kept.values()) - planned) <= 0.05 * planned, (sum(kept.values()), planned)
