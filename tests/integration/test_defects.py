@@ -88,3 +88,26 @@ def test_a_finished_run_started_again_exits_0_and_raising_max_steps_continues_it
     steps = [json.loads(line)["step"] for line in (tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3]
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+def _prose(path: str) -> str:
+    return " ".join((ROOT / path).read_text().split())
+
+
+def test_docs_agree_with_the_code_on_when_a_non_finite_step_is_decided():
+    """train/step.py `_decide` runs inside DeepSpeed's optimizer step (parallel/ds_hooks.py), on
+    every rank right before the update, pipelines included (`train_batch` calls that step)."""
+    import inspect
+
+    from parallel import ds_hooks
+    from train import step
+
+    assert "right before" in inspect.getdoc(step.StepModule._decide)
+    assert "right before each optimizer update" in inspect.getdoc(ds_hooks.Hooks.install_step_guard)
+    assert "guard and update" in inspect.getdoc(step.PipelineStep)  # train_batch holds the guard
+    for path in ("docs/parallel.md", "docs/checkpoints.md"):
+        text = _prose(path)
+        assert "inside deepspeed's optimizer step" in text.lower() and "right before the update" in text, path
+        assert "non-finite-gradient flag and the preemption flag" in text, path
+        assert "after `train_batch`" not in text and "has been applied when the run stops" not in text, path
+    assert "Pipelines decide at the same point: `train_batch` runs the optimizer step" in _prose("docs/checkpoints.md")
