@@ -52,15 +52,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
+def _without_shm_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce, `deepspeed_shm_comm`.
+
+    DeepSpeed's communication backend (deepspeed/comm/torch.py `TorchBackend`) builds the op
+    with torch.utils.cpp_extension whenever it is created on the CPU accelerator and
+    `deepspeed.ops.__compatible_ops__` calls the op compatible; on CUDA there is no such
+    builder. The op serves only `deepspeed.comm.inference_all_reduce` (DeepSpeed's inference
+    tensor parallelism), which moeforge never calls and which falls back to the process group's
+    all_reduce without it. The build costs tens of seconds on a cold cache, and a process killed
+    during it leaves a `lock` in the extensions directory on which every later start waited
+    forever. DeepSpeed reads the dict at that moment and keeps one dict per process (its
+    ops/__init__.py: "edits to it persist"), so marking the op incompatible skips the build.
+    """
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False
+
+
+def init_distributed(device: torch.device, timeout_s: int = 600, startup_timeout_s: int = 600) -> None:
     """Initialise torch.distributed through DeepSpeed: NCCL on GPU, gloo on CPU.
 
     A single process started without torchrun gets a one-rank loopback group, so the same
     engine code path serves `python -m train` and `torchrun -m train`.
+
+    Guarded by the startup watchdog (parallel/startup.py): when the process group and DeepSpeed's
+    communication backend are not ready after `startup_timeout_s` (`trainer.startup_timeout_s`;
+    $MOEFORGE_STARTUP_TIMEOUT_S overrides it, 0 = no watchdog), the process prints one line naming
+    what it waits for and exits with `EXIT_STARTUP_TIMEOUT` (5).
     """
+    from .startup import StartupWatchdog, startup_timeout
+
+    env = DistEnv.from_environ()
+    with StartupWatchdog(startup_timeout(startup_timeout_s), rank=env.rank, world_size=env.world_size):
+        _init_distributed(device, timeout_s)
+
+
+def _init_distributed(device: torch.device, timeout_s: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    if device.type == "cpu":
+        _without_shm_comm_op(deepspeed)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A peer that dies mid-collective must end the others in bounded time: the launch scripts
     # (launch/torchrun.sh checks the value) and the two-node test set MOEFORGE_DIST_TIMEOUT_S.
