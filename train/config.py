@@ -112,6 +112,9 @@ class TrainerConfig:
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     max_skipped: int = 10  # consecutive skipped updates (non-finite values, loss spikes) before the run stops
+    # Seconds for the process group and DeepSpeed's comm backend to come up before the run ends
+    # with one line naming what it waits for and exit 5 (parallel/startup.py); 0 = wait forever.
+    startup_timeout_s: int = 600
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
