@@ -33,9 +33,11 @@ def split_run_dir(argv: list[str]) -> tuple[list[str], str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\nGroups and keys: docs/config.md. Example: python -m train +experiment=smoke")
-        return 0
+    from .cli import handle
+
+    code = handle(argv, __doc__)  # --help, --cfg job [--resolve], -m/--multirun
+    if code is not None:
+        return code
     from omegaconf import OmegaConf
 
     from parallel.engine import DistEnv
