@@ -21,6 +21,8 @@
 # Exit code: torchrun's; 75 when a worker was preempted and saved (requeue: it resumes), 4 when
 # workers lost contact with another node (train/launch.py).
 # SIGUSR1 to this script is forwarded to the workers (SLURM's --signal); SIGTERM to torchrun.
+# Workers die with the torchrun agent: a SIGKILLed agent leaves no orphan workers behind
+# (torchrun puts them in sessions of their own; train/launch.py has the kernel kill them).
 set -euo pipefail
 
 die() { echo "error: launch/torchrun.sh: $*" >&2; exit 2; }

@@ -8,11 +8,21 @@ before leaving, and the script exits 75 when a worker did (launch/slurm.sbatch r
 A worker that loses contact with another rank (a node died, the network failed, a
 collective timed out after MOEFORGE_DIST_TIMEOUT_S) ends with one line naming the failure
 and exit code 4 instead of a traceback per rank.
+
+A worker ends with its torchrun agent. torchrun starts each worker in a session of its own, so
+when the agent is killed outright (SIGKILL, the OOM killer) nothing stops its workers: they
+would train on to the end, holding the GPUs and writing checkpoints while the job is restarted
+elsewhere. So each worker, first thing, asks Linux to SIGKILL it when its parent, the agent,
+dies (prctl PR_SET_PDEATHSIG; `die_with_agent`). SIGKILL rather than SIGTERM: SIGTERM is the
+trainer's preemption signal and would start a checkpoint save racing the restarted job, and
+a worker stuck in a collective would not act on it; the newest complete checkpoint stays valid
+(saves are atomic). An agent that ends normally has ended its workers first.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +42,32 @@ def peer_lost(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_agent() -> bool:
+    """Under torchrun on Linux: be SIGKILLed by the kernel when the parent (the agent) dies; True if set.
+
+    The parent is read before the prctl and checked after it: an agent that died in between
+    signals nobody, so the worker ends itself then."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    agent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if agent == 1 or os.getppid() != agent:  # already orphaned: no death signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def main() -> int:
+    die_with_agent()  # before the imports: the agent may die while they run
     from train.__main__ import main as train_main
 
     code = 1

@@ -69,6 +69,78 @@ def test_env_files_give_every_setting_a_reason():
                 assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 20, (path, line)
 
 
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """pid → (parent pid, state, command line) of every process, from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            out[int(entry.name)] = (int(fields[1]), fields[0], cmd)
+    return out
+
+
+def _children(pid: int, needle: str) -> list[int]:
+    return [p for p, (ppid, _, cmd) in _procs().items() if ppid == pid and needle in cmd]
+
+
+def test_workers_end_when_the_torchrun_agent_is_killed(tmp_path):
+    """torchrun starts its workers in sessions of their own: with the agent SIGKILLed they would
+    train on. Each worker asks the kernel to kill it with its parent (train/launch.py)."""
+    import signal
+    import socket
+    import time
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(4):
+        (text / f"doc{i}.txt").write_text(f"hello world, some text number {i}. " * 20)
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "data.prepare", f"input={text}", f"output={data}", "tokenizer=byte",
+                        "progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = script_env(GPUS_PER_NODE="2", MASTER_PORT=str(port), RDZV_ID=f"orphans{os.getpid()}", OMP_NUM_THREADS="1",
+                     PYTHONUNBUFFERED="1", WANDB_SILENT="true", MOEFORGE_CACHE=str(tmp_path / "cache"))
+    args = [f"data.path={data}", "data.num_workers=0", "trainer.seq_len=64", "trainer.micro_batch_size=2",
+            "trainer.global_batch_size=4", "trainer.max_steps=100000", "trainer.log_interval=1",
+            "trainer.eval_interval=0", "trainer.threads=1", "checkpoint.interval=0", "checkpoint.save_at_end=false",
+            "logging.wandb.mode=disabled", "logging.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    log = open(tmp_path / "launch.log", "w")
+    script = subprocess.Popen(["launch/torchrun.sh", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 400  # imports on a loaded 2-core box; ~15 s normally
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # the workers are training
+            assert script.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "launch.log").read_text()[-3000:]
+            time.sleep(0.2)
+        (agent,) = _children(script.pid, "torch.distributed.run")
+        workers = _children(agent, "train.launch")
+        assert len(workers) == 2, _procs().get(agent)
+        os.kill(agent, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive := [p for p in workers if p in (procs := _procs()) and procs[p][1] != "Z"]:
+            assert time.monotonic() < deadline, f"workers {alive} still running 10 s after their agent was killed"
+            time.sleep(0.1)
+        script.wait(timeout=30)
+    finally:
+        for pid in [*workers, script.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        script.wait(timeout=30)
+        log.close()
+
+
 def test_torchrun_dry_run_two_nodes():
     overrides = ["model=16b", "parallel.pp=2", "parallel.ep=8", "trainer.max_steps=10", "data.path=/data/my corpus"]
     r = run(["launch/torchrun.sh", "--dry-run", *overrides], NNODES="2", NODE_RANK="1", MASTER_ADDR="10.1.2.3",
