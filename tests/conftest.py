@@ -11,6 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _runs_outside_the_tree(tmp_path_factory):
+    """`python -m train` without hydra.run.dir writes runs/<run.name>: keep the suite's under its tmp dir
+    (a developer's own runs/smoke must not be resumed or compared against by a test)."""
+    import os
+
+    os.environ["MOEFORGE_RUNS"] = str(tmp_path_factory.mktemp("runs"))
+    yield
+    os.environ.pop("MOEFORGE_RUNS", None)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A small stdlib corpus prepared with the byte tokenizer, once per test session."""

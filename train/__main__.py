@@ -20,15 +20,25 @@ from data.errors import EXIT_USER_ERROR, UserError
 EXIT_TRAIN_ERROR = 3
 
 
-def split_run_dir(argv: list[str]) -> tuple[list[str], str | None]:
-    """Take `hydra.run.dir=…` out of the overrides (we compose with Hydra's API, not @hydra.main)."""
-    rest, run_dir = [], None
+def split_run_dir(argv: list[str]) -> tuple[list[str], str | None, bool]:
+    """Take the launch arguments out of the overrides (we compose with Hydra's API, not @hydra.main):
+    `hydra.run.dir=…` and `+run.allow_config_change=true`. Other `hydra.*` keys are refused."""
+    from model.config import ConfigError
+
+    from .run import ALLOW_CONFIG_CHANGE
+
+    rest, run_dir, allow = [], None, False
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
             run_dir = arg.split("=", 1)[1]
+        elif arg == ALLOW_CONFIG_CHANGE:
+            allow = True
+        elif arg.lstrip("+~").startswith("hydra."):
+            raise ConfigError(f"{arg}: moeforge reads only hydra.run.dir (and hydra.sweep.dir with -m); "
+                              "other hydra.* keys would be ignored")
         else:
             rest.append(arg)
-    return rest, run_dir
+    return rest, run_dir, allow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,23 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     from .config import check_fp8, check_layout, compose, to_config
     from .data_setup import check_dataset
 
+    from . import run
+
     env = DistEnv.from_environ()
-    overrides, run_dir_arg = split_run_dir(argv)
     try:
+        overrides, run_dir_arg, allow_change = split_run_dir(argv)
         composed = compose(overrides)
+        if not composed.run.name:
+            composed.run.name = run.default_name(overrides)
         cfg = to_config(composed)
         check_layout(cfg, env.world_size)
         check_fp8(cfg)
         check_dataset(cfg)
         checkpoint.precheck(cfg.checkpoint.resume, asdict(cfg.model))
+        resolved_yaml = OmegaConf.to_yaml(composed)
+        run_dir = run.resolve_run_dir(run_dir_arg, cfg.run.name)
+        changes = run.config_changes(run_dir, resolved_yaml, allow_change)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    resolved_yaml = OmegaConf.to_yaml(composed)
-    return _run(cfg, env, run_dir_arg, resolved_yaml)
+    return _run(cfg, env, run_dir, resolved_yaml, changes)
 
 
-def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
+def _run(cfg, env, run_dir: Path, resolved_yaml: str, changes: dict) -> int:
     from parallel.engine import resolve_device
 
     from .faults import EXIT_PREEMPTED
@@ -79,17 +95,17 @@ def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
 
     from parallel.engine import init_distributed
 
-    from . import provenance
+    from . import provenance, run
     from .data_setup import build_loaders, ensure_dataset, unigram_entropy
     from .trainer import Trainer
 
     init_distributed(device)
     try:
-        run_dir = Path(run_dir_arg or time.strftime("outputs/%Y-%m-%d/%H-%M-%S"))
         holder = [str(run_dir.resolve())]
-        dist.broadcast_object_list(holder, src=0)  # every rank writes under rank 0's directory
+        dist.broadcast_object_list(holder, src=0)  # every rank writes under rank 0's directory (${now:…})
         run_dir = Path(holder[0])
-        if env.rank == 0:
+        restart = len([r for r in run.starts(run_dir) if r.get("event") == "start"])
+        if env.rank == 0 and restart == 0:
             provenance.write(run_dir, resolved_yaml, {"world_size": env.world_size})
         try:
             data_path = ensure_dataset(cfg, env.rank)
@@ -100,23 +116,42 @@ def _run(cfg, env, run_dir_arg: str | None, resolved_yaml: str) -> int:
         train_loader, val_factory = build_loaders(cfg, data_path, dp_rank=env.rank % trainer.dp, dp_size=trainer.dp)
         try:
             trainer.setup(train_loader, val_factory)  # resumes: a bad checkpoint is the user's input
+            run.check_not_looping(run_dir, trainer.step)
         except UserError as exc:
-            train_loader.close()
+            trainer.close()
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
+        start = {"event": "start", "restart": restart, "time": time.time(), "step": trainer.step,
+                 "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+                 "layout": {"world": env.world_size, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep},
+                 "code": provenance.git_state(), "changed": changes}
+        if env.rank == 0:
+            run.append(run_dir, start)
+        code = EXIT_TRAIN_ERROR  # until fit returns or says otherwise
         try:
+            if trainer.step >= cfg.trainer.max_steps:
+                if env.rank == 0:
+                    print(f"run {cfg.run.name} is complete: step {trainer.step} of trainer.max_steps="
+                          f"{cfg.trainer.max_steps} in {run_dir}; raise trainer.max_steps to continue it")
+                code = 0
+                return code
             summary = trainer.fit()
+            code = 0
         except TrainError as exc:
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
-            return EXIT_TRAIN_ERROR
+            return code
         except Preempted as exc:
             if env.rank == 0:
-                print(f"{exc}; exit {EXIT_PREEMPTED} (run again with checkpoint.resume=auto)", file=sys.stderr)
-            return EXIT_PREEMPTED
+                print(f"{exc}; exit {EXIT_PREEMPTED} (run the same command again: it resumes)", file=sys.stderr)
+            code = EXIT_PREEMPTED
+            return code
         finally:
             trainer.close()
+            if env.rank == 0:
+                run.append(run_dir, {"event": "end", "start": restart, "time": time.time(), "exit": code,
+                                     "step": trainer.step})
         if env.rank == 0:
             _print_summary(summary, run_dir, unigram_entropy(data_path))
         return 0

@@ -168,14 +168,23 @@ class Fp8Config:
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # "" = <run dir>/checkpoints
-    interval: int = 0  # steps between saves; 0 = only at the end (and on preemption)
+    interval: int = 0  # steps between saves; 0 = by wall time only (interval_minutes)
+    interval_minutes: float = 30.0  # wall time between saves, agreed across ranks; 0 = by steps only
     keep: int = 3  # complete checkpoints kept (the newest is never deleted)
     resume: str = "auto"  # auto (newest verified in dir, else start fresh) | never | <checkpoint path>
     save_at_end: bool = True  # save after the last step
 
 
 @dataclass
+class RunConfig:
+    """What makes launches of the same command one run (train/run.py)."""
+
+    name: str = ""  # "" = the experiment's name, else the model preset's; the run directory is runs/<name>
+
+
+@dataclass
 class Config:
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -274,7 +283,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: must be 0, 1 or 2 (ZeRO-3 is not supported)")
     c = cfg.checkpoint
     if c.interval < 0:
-        raise ConfigError(f"checkpoint.interval={c.interval}: must be >= 0 (0 = only at the end)")
+        raise ConfigError(f"checkpoint.interval={c.interval}: must be >= 0 (0 = by wall time only)")
+    if c.interval_minutes < 0:
+        raise ConfigError(f"checkpoint.interval_minutes={c.interval_minutes}: must be >= 0 (0 = by steps only)")
+    if t.spike.action == "rollback" and not (c.interval or c.interval_minutes):
+        raise ConfigError("trainer.spike.action=rollback: needs periodic checkpoints to roll back to "
+                          "(checkpoint.interval or checkpoint.interval_minutes > 0)")
     if c.keep < 1:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
     sp = t.spike

@@ -45,6 +45,9 @@ class WandbConfig:
     mode: online | offline (files under <run dir>/wandb, sync later with `wandb sync`) |
         disabled (wandb is never imported).
     project, entity, name: wandb's own; None = wandb's default.
+    group, tags: wandb's run grouping and labels (None / empty: none).
+    The run id is kept in <run dir>/wandb_id and passed with resume="allow", so every start of
+    the same run (a restart, a requeue, the same command again) continues one wandb run.
     system_metrics: wandb's background sampler of CPU/GPU/disk/network use. Off by default:
         on the 2-core CPU smoke run it caused periodic 2× slow intervals (bench/RESULTS.md,
         "Smoke run"); turn it on where spare cores exist and GPU power/utilisation matter.
@@ -54,6 +57,8 @@ class WandbConfig:
     project: str = "moeforge"
     entity: str | None = None
     name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
     system_metrics: bool = False
 
 
@@ -209,13 +214,25 @@ class MetricsLogger:
         tqdm.write(line, file=sys.stdout)  # clears and redraws a bar on the terminal
         sys.stdout.flush()
 
+    def _wandb_id(self) -> str:
+        """This run's wandb id: made at its first start, read back at every later one."""
+        path = self.run_dir / "wandb_id"
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        import uuid
+
+        run_id = uuid.uuid4().hex[:16]
+        path.write_text(run_id + "\n")
+        return run_id
+
     def _log_wandb(self, step: int, record: dict, histograms: dict) -> None:
         import wandb
 
         if self._wandb is None:
             w = self.cfg.wandb
             self._wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, name=w.name,
-                                     dir=str(self.run_dir), config=self.run_config,
+                                     group=w.group, tags=list(w.tags) or None, id=self._wandb_id(),
+                                     resume="allow", dir=str(self.run_dir), config=self.run_config,
                                      settings=wandb.Settings(x_disable_stats=not w.system_metrics))
         data = {}
         for key, value in record.items():

@@ -55,13 +55,14 @@ class TrainError(RuntimeError):
 class StepVerdict:
     """The step guard's decision, the same on every rank: the step's losses (means over data-parallel
     replicas and micro-batches), why the update is skipped (None: it is applied) and whether a
-    preemption signal reached any rank."""
+    preemption signal reached any rank, and whether a wall-time checkpoint is due on any rank."""
 
     loss: float
     mtp_loss: float
     balance_loss: float
     reason: str | None
     preempt: bool
+    save_due: bool = False
 
     @property
     def skip(self) -> bool:
@@ -105,10 +106,11 @@ class StepModule:
     """This rank's model, DeepSpeed engine and optimizer step (one subclass per execution path)."""
 
     def __init__(self, cfg: Config, groups: Groups, device: torch.device, dtype: torch.dtype, *,
-                 is_spike: Callable[[float], bool], preempt_requested: Callable[[], bool]):
+                 is_spike: Callable[[float], bool], preempt_requested: Callable[[], bool],
+                 save_due: Callable[[], bool] = lambda: False):
         self.cfg, self.groups, self.layout = cfg, groups, groups.layout
         self.device, self.dtype = device, dtype
-        self.is_spike, self.preempt_requested = is_spike, preempt_requested
+        self.is_spike, self.preempt_requested, self.save_due = is_spike, preempt_requested, save_due
         self.grad_accum = 1
 
     # ------------------------------------------------------------------ build
@@ -199,17 +201,18 @@ class StepModule:
     def _decide(self) -> StepVerdict:
         """The step guard, on every rank right before the update (parallel/ds_hooks.py).
 
-        One all-reduce over all ranks carries the step's losses, a non-finite-gradient flag and
-        the preemption flag; the decision is computed from the reduced values, so it is the same
+        One all-reduce over all ranks carries the step's losses, a non-finite-gradient flag, the
+        preemption flag and the wall-time checkpoint flag; the decision is computed from the reduced values, so it is the same
         on every rank. Its `.tolist()` is the step's one host synchronisation."""
         ga = self.grad_accum
-        preempt = torch.tensor(1.0 if self.preempt_requested() else 0.0, dtype=torch.float64, device=self.device)
+        host = torch.tensor([float(self.preempt_requested()), float(self.save_due())], dtype=torch.float64)
         local = self._local_means()
-        buf = torch.stack([local[0], local[1], self._balance_loss() / ga,
-                           ds_hooks.local_grads_nonfinite(self.engine).to(self.device), preempt])
+        buf = torch.cat([torch.stack([local[0], local[1], self._balance_loss() / ga,
+                                      ds_hooks.local_grads_nonfinite(self.engine).to(self.device)]),
+                         host.to(self.device)])
         if dist.get_world_size() > 1:
             dist.all_reduce(buf)
-        main, mtp, balance, nonfinite, preempted = buf.tolist()
+        main, mtp, balance, nonfinite, preempted, save_due = buf.tolist()
         dp = self.layout.dp
         main, mtp, balance = main / dp, mtp / dp, balance / dp
         reason = None
@@ -219,7 +222,7 @@ class StepModule:
             reason = "non-finite gradient"
         elif self.is_spike(main):
             reason = "loss spike"
-        return StepVerdict(main, mtp, balance, reason, preempted > 0)
+        return StepVerdict(main, mtp, balance, reason, preempted > 0, save_due > 0)
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()

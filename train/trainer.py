@@ -119,6 +119,7 @@ class Trainer:
         self.faults = Faults.from_environ(rank)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         self._clock: _Clock | None = None
+        self._last_save = time.monotonic()  # wall-time checkpoints count from the start
 
     # what tests, benchmarks and the CLI read
     step = property(lambda self: self.progress.step)
@@ -131,6 +132,7 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def setup(self, train_loader, val_loader_factory) -> None:
         cfg, t = self.cfg, self.cfg.trainer
+        self.train_loader, self.val_loader_factory = train_loader, val_loader_factory  # close() ends it
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic:
@@ -146,9 +148,8 @@ class Trainer:
         self.step_module = build_step_module(
             cfg, self.groups, self.device, self.dtype,
             is_spike=lambda loss: t.spike.action != "off" and self.spike.is_spike(loss),
-            preempt_requested=lambda: self.preemption.requested)
+            preempt_requested=lambda: self.preemption.requested, save_due=self._save_due)
         self.step_module.build(grad_accum=t.global_batch_size // self.granularity)
-        self.train_loader, self.val_loader_factory = train_loader, val_loader_factory
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.checkpointer = CheckpointManager(cfg, self.ckpt_root, self.layout, self.rank, steps=self.step_module,
                                               loader=train_loader, spike=self.spike, progress=self.progress,
@@ -184,7 +185,8 @@ class Trainer:
             self.spike.accept(v.loss)
         return {"loss": v.loss, "mtp_loss": v.mtp_loss, "balance_loss": v.balance_loss, "lr": coefs.lr,
                 "grad_norm": res.grad_norm, "mtp_lambda": coefs.mtp_lambda, "bias_gamma": coefs.bias_gamma,
-                "tokens": tokens, "load": res.load, "skipped": res.skipped, "preempt": v.preempt}
+                "tokens": tokens, "load": res.load, "skipped": res.skipped, "preempt": v.preempt,
+                "save_due": v.save_due}
 
     def _check_skips(self, reason: str | None) -> None:
         pr, t = self.progress, self.cfg.trainer
@@ -215,10 +217,15 @@ class Trainer:
         if out["preempt"]:
             self.save_checkpoint()
             raise Preempted(f"preempted by a signal: saved step {self.step} in {self.ckpt_root}")
-        if c.interval and self.step % c.interval == 0:
+        if out["save_due"] or (c.interval and self.step % c.interval == 0):
             self.save_checkpoint()
             clock.saved_step = self.step
         return out
+
+    def _save_due(self) -> bool:
+        """This rank's wall clock says a checkpoint is due (the guard's all-reduce makes it everyone's)."""
+        minutes = self.cfg.checkpoint.interval_minutes
+        return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
 
     def _loop_clock(self) -> _Clock:
         if self._clock is None:  # a resumed run does not save its starting step again at the end
@@ -263,7 +270,9 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        return self.checkpointer.save()
+        path = self.checkpointer.save()
+        self._last_save = time.monotonic()
+        return path
 
     def rollback(self) -> None:
         """After a loss spike: reload the newest complete checkpoint, keep the data position (the
@@ -320,4 +329,5 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "train_loader", None) is not None:
             self.train_loader.close()  # join its reader threads before the interpreter exits
-        self.logger.close()
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()

@@ -166,7 +166,7 @@ def test_slurm_dry_run_256_nodes():
     port = str(20000 + 81234 % 20000)
     srun = shlex.split(next(line for line in out.splitlines() if line.startswith("srun ")))
     assert srun == ["srun", "--nodes=256", "--ntasks-per-node=1", "--output=logs/%x-%j-node%n.log",
-                    "launch/torchrun.sh", *overrides, "hydra.run.dir=runs/v3-81234"]
+                    "launch/torchrun.sh", *overrides, "run.name=v3"]
     assert "# layout ok: 2048 processes = pp 16 × dp 128; ep 64 inside dp (expert-data-parallel 2)" in out
     env = exports(out)
     assert env["MASTER_ADDR"] == "gpu0001" and env["MASTER_PORT"] == port and env["NNODES"] == "256"
@@ -174,11 +174,11 @@ def test_slurm_dry_run_256_nodes():
     argv = torchrun_argv(out)
     assert argv[3:10] == ["--nnodes=256", "--nproc-per-node=8", "--node-rank=0", "--rdzv-backend=c10d",
                           f"--rdzv-endpoint=gpu0001:{port}", "--rdzv-id=81234", "--max-restarts=0"]
-    assert argv[-len(overrides) - 1:] == [*overrides, "hydra.run.dir=runs/v3-81234"]
+    assert argv[-len(overrides) - 1:] == [*overrides, "run.name=v3"]  # runs/v3: the same for every submission
     text = (ROOT / "launch/slurm.sbatch").read_text()
     for directive in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"):
         assert directive in text
-    assert "(( rc == 75 ))" in text and "scontrol requeue" in text
+    assert "(( rc == 75 || rc == 4 ))" in text and "scontrol requeue" in text and "MOEFORGE_MAX_REQUEUES" in text
 
 
 def test_smoke_dry_run():
@@ -206,3 +206,24 @@ def test_bad_counts_fail_before_any_worker(env, args, needle, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert "torch.distributed" not in r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rc, restarts, requeued, exit_code", [(4, "0", True, 0), (75, "3", True, 0),
+                                                               (4, "20", False, 4), (1, "0", False, 1)])
+def test_slurm_requeues_a_lost_node_and_a_preemption_a_bounded_number_of_times(tmp_path, rc, restarts, requeued,
+                                                                                  exit_code):
+    """srun and scontrol stand-ins: srun exits with `rc`; scontrol records what it was asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {rc}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    r = run(["launch/slurm.sbatch", "model=tiny"], SLURM_JOB_ID="777", SLURM_JOB_NAME="v3", SLURM_NNODES="1",
+            SLURM_RESTART_COUNT=restarts, MASTER_ADDR="127.0.0.1", SLURM_SUBMIT_DIR=str(tmp_path),
+            PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert r.returncode == exit_code, r.stdout + r.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.is_file() and log.read_text().split() == ["requeue", "777"]) == requeued, r.stdout
+    if rc == 4 and not requeued:
+        assert "MOEFORGE_MAX_REQUEUES=20 reached, not requeueing" in r.stdout
