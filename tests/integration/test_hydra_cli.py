@@ -137,3 +137,29 @@ def test_help_and_cfg_job_write_nothing_in_the_working_directory(tmp_path):
                            timeout=300)
         assert r.returncode == 0, r.stderr
     assert list(work.iterdir()) == []
+
+
+def test_multirun_passes_a_preemption_signal_to_the_job_and_starts_no_other(tmp_path, dataset):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "MOEFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "train", "-m", "trainer.seed=1,2", "trainer.max_steps=100000",
+                             f"data.path={dataset}", *TINY, f"hydra.sweep.dir={sweep}"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:  # the first job is training
+        out.append(line)
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 75, "".join(out)
+    text = "".join(out)
+    assert "[multirun]   #0 exit 75: trainer.seed=1" in text and "#1:" not in text, text
+    assert "continues the sweep" in text
+    assert sorted(p.name for p in sweep.iterdir()) == ["0"]
