@@ -74,6 +74,8 @@ def _split_flags(argv: list[str]) -> tuple[dict, list[str]]:
             if value != "job":
                 raise CliError(f"--cfg {value or '(missing)'}: moeforge prints the job config only: --cfg job")
             flags["cfg"] = value
+        elif arg.startswith("-"):
+            raise CliError(f"{arg}: unknown option; options: --help, --cfg job [--resolve], -m (see --help)")
         else:
             rest.append(arg)
     if flags["resolve"] and not flags["cfg"] and not flags["help"]:

@@ -59,6 +59,7 @@ def test_cfg_job_with_a_bad_key_is_one_line(tmp_path):
     assert_user_error(run_train(["trainer.max_steps=0", "--cfg", "job"], tmp_path), "trainer.max_steps=0")
     assert_user_error(run_train(["--cfg", "hydra"], tmp_path), "--cfg hydra", "--cfg job")
     assert_user_error(run_train(["--resolve"], tmp_path), "--resolve: only with --cfg job")
+    assert_user_error(run_train(["--foo"], tmp_path), "--foo: unknown option")
 
 
 def test_a_wrong_group_option_names_the_available_options(tmp_path, dataset):
