@@ -27,7 +27,7 @@ def realistic_records(steps: int = 12, moe: bool = True, peak: float | None = 10
         rec = {"kind": "train", "loss": 5.0 * math.exp(-step / 8), "mtp_loss": 5.3 * math.exp(-step / 8),
                "balance_loss": 0.02 / step, "lr": 3e-4 * min(1.0, step / 4), "grad_norm": 1.5 / step,
                "mtp_lambda": 0.3, "bias_gamma": 0.001, "tokens_seen": step * 4096, "time": 2.0 * step,
-               "tokens_per_s": 2000.0 + 10 * step, "skipped_steps": 0}
+               "tokens_per_s": 2000.0 + 10 * step, "skipped": None, "skipped_updates": 0, "rollbacks": 0}
         rec["tflops_per_device"] = M.model_tflops(3e7, rec["tokens_per_s"])
         rec["mfu"] = M.mfu(3e7, rec["tokens_per_s"], peak)
         rec.update(M.memory_stats("cpu"))
