@@ -84,8 +84,22 @@ def _split_flags(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def _config_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that change the config: `hydra.*` keys choose directories, not settings."""
-    return [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    """The overrides that change the config: `hydra.*` keys choose directories, not settings, and
+    `+run.allow_config_change=true` is a launch flag (train/__main__.py takes both out)."""
+    from .run import ALLOW_CONFIG_CHANGE
+
+    return [o for o in overrides if not o.lstrip("+~").startswith("hydra.") and o != ALLOW_CONFIG_CHANGE]
+
+
+def _compose(overrides: list[str]):
+    """The composed config a run with these overrides writes to its config.yaml."""
+    from . import run
+    from .config import compose
+
+    composed = compose(_config_overrides(overrides))
+    if not composed.run.name:
+        composed.run.name = run.default_name(overrides)
+    return composed
 
 
 # ---------------------------------------------------------------------------- --cfg job
@@ -94,9 +108,9 @@ def job_config(overrides: list[str], resolve: bool = False) -> str:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import ConfigError, compose, format_config_error, to_config
+    from .config import ConfigError, format_config_error, to_config
 
-    composed = compose(_config_overrides(overrides))
+    composed = _compose(overrides)
     to_config(composed)
     try:
         return OmegaConf.to_yaml(composed, resolve=resolve)
@@ -152,10 +166,10 @@ def help_text(overrides: list[str], doc: str = "") -> str:
 
     from omegaconf import OmegaConf
 
-    from .config import Config, compose
+    from .config import Config
 
     groups, defaults = _groups(), _default_options()
-    values = OmegaConf.to_container(compose(_config_overrides(overrides)), enum_to_str=True)
+    values = OmegaConf.to_container(_compose(overrides), enum_to_str=True)
     schema_groups = [f.name for f in fields(Config)]
     lines = [USAGE, ""]
     if doc:
@@ -220,7 +234,9 @@ def _sweep_dir(overrides: list[str]) -> tuple[list[str], Path]:
                            "set hydra.sweep.dir")
         else:
             rest.append(arg)
-    return rest, Path(sweep_dir or time.strftime(SWEEP_DIR))
+    from .run import resolve_run_dir
+
+    return rest, resolve_run_dir(sweep_dir or time.strftime(SWEEP_DIR), "")  # ${now:…} resolved once
 
 
 def multirun(overrides: list[str]) -> int:
@@ -232,7 +248,7 @@ def multirun(overrides: list[str]) -> int:
     starts: the same command with the same hydra.sweep.dir continues the sweep (finished jobs
     return at once, the preempted one resumes).
     """
-    from .config import compose, to_config
+    from .config import to_config
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CliError("-m/--multirun: start a sweep with `python -m train -m …`, not under torchrun; "
@@ -241,7 +257,7 @@ def multirun(overrides: list[str]) -> int:
     jobs = expand_sweep(overrides)
     for job in jobs:
         try:
-            to_config(compose(_config_overrides(job)))
+            to_config(_compose(job))
         except UserError as exc:
             raise CliError(f"{exc} (job {' '.join(job)})") from None
     swept = [i for i in range(len(jobs[0])) if len({job[i] for job in jobs}) > 1]

@@ -47,6 +47,7 @@ def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
     assert cfg["trainer"]["max_steps"] == 5 and cfg["model"]["dim"] == 512 and "hydra" not in cfg
     assert cfg["trainer"]["eval_interval"] == "${trainer.log_interval}"  # as Hydra prints it: unresolved
     assert cfg["parallel"]["deepspeed"] == {}
+    assert cfg["run"]["name"] == "tiny"  # as the run would write it: the model preset's name by default
     assert not run_dir.exists()
     r = run_train(["trainer.eval_interval=${trainer.log_interval}", "--cfg", "job", "--resolve"], tmp_path)
     assert r.returncode == 0, r.stderr
