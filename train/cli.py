@@ -286,6 +286,8 @@ def multirun(overrides: list[str]) -> int:
             run_dir = sweep_dir / str(n)
             print(f"[multirun] #{n}: {label(job)} -> {run_dir}", flush=True)
             child[:] = [subprocess.Popen([sys.executable, "-m", "train", *job, f"hydra.run.dir={run_dir}"])]
+            for signum in {s for s in stop if s != signal.SIGINT}:  # arrived while the job was starting
+                child[0].send_signal(signum)
             code = child[0].wait()
             results.append((n, job, code))
     finally:
