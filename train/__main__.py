@@ -99,7 +99,7 @@ def _run(cfg, env, run_dir: Path, resolved_yaml: str, changes: dict) -> int:
     from .data_setup import build_loaders, ensure_dataset, unigram_entropy
     from .trainer import Trainer
 
-    init_distributed(device)
+    init_distributed(device, startup_timeout_s=cfg.trainer.startup_timeout_s)
     try:
         holder = [str(run_dir.resolve())]
         dist.broadcast_object_list(holder, src=0)  # every rank writes under rank 0's directory (${now:…})

@@ -295,6 +295,8 @@ def validate(cfg: Config) -> Config:
     if sp.window < 2 or sp.warmup < 0 or sp.k <= 0 or sp.min_rise < 0:
         raise ConfigError(f"trainer.spike: window={sp.window} (>= 2), warmup={sp.warmup} (>= 0), k={sp.k} (> 0), "
                           f"min_rise={sp.min_rise} (>= 0)")
+    if t.startup_timeout_s < 0:
+        raise ConfigError(f"trainer.startup_timeout_s={t.startup_timeout_s}: must be >= 0 (0 = no startup watchdog)")
     if t.max_skipped < 1:
         raise ConfigError(f"trainer.max_skipped={t.max_skipped}: must be >= 1")
     cfg.fp8.validate()
