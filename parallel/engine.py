@@ -107,7 +107,28 @@ def _init_distributed(device: torch.device, timeout_s: int) -> None:
         # aborted ("terminate called without an active exception", exit -6) — seen only in
         # single-process runs, never under torchrun, where the agent hosts the store.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ and not dist.is_initialized():
+        _init_under_torchrun(backend, timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing group
+
+
+def _init_under_torchrun(backend: str, timeout: datetime.timedelta) -> None:
+    """The default process group under torchrun, on a store namespace of this restart's own.
+
+    After torchrun restarted its workers (MAX_RESTARTS) because one died in a collective, the
+    env:// rendezvous of torch 2.13 let gloo read the dead worker's address: the new group failed
+    with "connectFullMesh … Connection refused" or hung (measured on CPU with a plain torch script
+    and with the trainer). A prefix per restart (`TORCHELASTIC_RESTART_COUNT`) on the agent's
+    store gives every attempt fresh keys."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    prefix = f"moeforge/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
+                            timeout=timeout)
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int, grad_clip: float,
