@@ -137,7 +137,7 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     """The DeepSpeed JSON config (the pipeline engine reads the same keys).
 
     `extra` (`parallel.deepspeed`) is merged in last, key by key into nested mappings (a value
-    that is not a mapping replaces ours). train/config.py `check_deepspeed` has already refused
+    that is not a mapping replaces ours). parallel/ds_config.py `check_deepspeed` has already refused
     the keys set here from moeforge's own config and checked the rest against DeepSpeed's schema.
 
     `zero_stage` is the stage DeepSpeed runs, from `Layout.zero_stage` (parallel/topology.py),
