@@ -8,12 +8,23 @@ process. The directory format, the atomic commit and the verification are train/
 docs/checkpoints.md describes both. Followed torchtitan's CheckpointManager (one object the loop
 calls with the step; everything saved is a state_dict of a part) with Megatron's
 iteration-directory layout; the trainer calls `save()`, `restore()` and `load(latest())`.
+
+Asynchronous saves (`checkpoint.async_save=true`), after torchtitan's / DCP's `async_save`: on the
+training thread `save()` waits for the previous save of this rank, copies the step module's
+fragments into host buffers (reused from save to save; pinned when CUDA is available) and takes
+the trainer state, the RNG and the loader position; a background thread then writes and fsyncs
+the rank's files, hashes them and reports them to rank 0 through a small record file in the
+temporary directory (no collective off the training thread). Rank 0's thread waits for every
+rank's record, then writes the index, trainer.json and manifest and commits exactly as a
+synchronous save does. `flush()` (collective) waits until the save in flight is committed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +39,11 @@ from parallel import state as pstate
 from parallel.topology import Layout
 
 from . import checkpoint_dir as ckpt
+
+
+DELAY_ENV = "MOEFORGE_CHECKPOINT_DELAY_S"  # tests only: the background write starts this much later
+RECORD_PREFIX = "records-"  # an asynchronous save's per-rank report to rank 0 (deleted before the manifest)
+RECORD_TIMEOUT_S = 600.0  # rank 0 gives a save up when a rank's record has not come by then
 
 
 def seed_everything(seed: int) -> None:
@@ -68,6 +84,11 @@ class CheckpointManager:
         self.world = layout.world
         self.steps, self.loader, self.spike, self.progress, self.faults = steps, loader, spike, progress, faults
         self.resumed_from: Path | None = None
+        self.async_save = bool(getattr(cfg.checkpoint, "async_save", False))
+        self._inflight: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._host: dict[tuple, torch.Tensor] = {}  # snapshot buffers, reused across saves
 
     # ------------------------------------------------------------------ collectives
     def _gather(self, obj) -> list:
@@ -86,50 +107,164 @@ class CheckpointManager:
         return self.layout.dp_rank_of(self.rank) == 0, self.layout.edp_ranks(self.rank)[0] == self.rank
 
     # ------------------------------------------------------------------ save
-    def trainer_state(self) -> dict:
+    def trainer_state(self, code: bool = True) -> dict:
+        """The flat trainer.json; `code=False` leaves the git state (subprocesses) for later."""
         from . import provenance
 
         L = self.layout
         return {"format_version": ckpt.FORMAT_VERSION, **self.progress.state_dict(), **self.steps.state_dict(),
                 "spike": self.spike.state_dict(), "loader": self.loader.state_dict(),
                 "layout": {"world": L.world, "pp": L.pp, "dp": L.dp, "ep": L.ep},
-                "model": asdict(self.cfg.model), "config": asdict(self.cfg), "code": provenance.git_state(),
+                "model": asdict(self.cfg.model), "config": asdict(self.cfg),
+                "code": provenance.git_state() if code else None,
                 "time": time.time()}
 
-    def save(self) -> Path:
-        """Every rank writes its files; rank 0 commits (train/checkpoint_dir.py). Returns the final path."""
-        root, name = self.root, ckpt.step_dir_name(self.progress.step)
-        tmp, final = root / f"{ckpt.TMP_PREFIX}{name}", root / name
+    def _paths(self) -> tuple[Path, Path, str]:
+        name = ckpt.step_dir_name(self.progress.step)
+        return self.root / f"{ckpt.TMP_PREFIX}{name}", self.root / name, name
+
+    def _begin(self, tmp: Path) -> None:
+        """Rank 0 clears stale temporaries and creates the save's temporary directory; barrier."""
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.root)
             tmp.mkdir()
         self._barrier()
-        frags, shapes = self.steps.fragments(*self._owners())
+
+    def _write_own(self, tmp: Path, frags: list, rng: dict) -> tuple[str, list, dict]:
+        """This rank's state and RNG files, fsynced; (state file name, index rows, file records)."""
         state_file = tmp / f"state-{self.rank:05d}.safetensors"
         rows = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
         rng_file = tmp / f"rank-{self.rank:05d}.json"
-        write_file_synced(rng_file, json.dumps(rng_state()).encode())
-        records = dict(ckpt.file_record(f) for f in (state_file, rng_file))
-        gathered = self._gather((state_file.name, rows, shapes, records))
+        write_file_synced(rng_file, json.dumps(rng).encode())
+        return state_file.name, rows, dict(ckpt.file_record(f) for f in (state_file, rng_file))
+
+    def _commit(self, tmp: Path, final: Path, name: str, step: int, gathered: list, trainer: dict) -> None:
+        """Rank 0: index, trainer.json, manifest, rename into place, pointer, retention."""
+        all_shapes, all_records, files = {}, {}, {}
+        for fname, r, sh, rec in gathered:
+            all_shapes.update(sh)
+            all_records.update(rec)
+            files[fname] = r
+        pstate.write_index(tmp / pstate.INDEX, all_shapes, files)
+        write_file_synced(tmp / "trainer.json", json.dumps(trainer, indent=1).encode())
+        all_records.update(dict(ckpt.file_record(tmp / n) for n in (pstate.INDEX, "trainer.json")))
+        ckpt.write_manifest(tmp, all_records, step)
+        self.faults.crash_point("manifest")
+        ckpt.commit(tmp, final)
+        self.faults.crash_point("renamed")
+        ckpt.update_pointer(self.root, name)
+        ckpt.retain(self.root, self.cfg.checkpoint.keep)
+
+    def save(self) -> Path:
+        """Every rank writes its files; rank 0 commits (train/checkpoint_dir.py). Returns the final path
+        (with `async_save` it appears when the background write has committed: `flush()`)."""
+        if self.async_save:
+            return self._save_async()
+        tmp, final, name = self._paths()
+        self._begin(tmp)
+        frags, shapes = self.steps.fragments(*self._owners())
+        fname, rows, records = self._write_own(tmp, frags, rng_state())
+        gathered = self._gather((fname, rows, shapes, records))
         self.faults.crash_point("shards")
         if self.rank == 0:
-            all_shapes, all_records, files = {}, {}, {}
-            for fname, r, sh, rec in gathered:
-                all_shapes.update(sh)
-                all_records.update(rec)
-                files[fname] = r
-            pstate.write_index(tmp / pstate.INDEX, all_shapes, files)
-            write_file_synced(tmp / "trainer.json", json.dumps(self.trainer_state(), indent=1).encode())
-            all_records.update(dict(ckpt.file_record(tmp / n) for n in (pstate.INDEX, "trainer.json")))
-            ckpt.write_manifest(tmp, all_records, self.progress.step)
-            self.faults.crash_point("manifest")
-            ckpt.commit(tmp, final)
-            self.faults.crash_point("renamed")
-            ckpt.update_pointer(root, name)
-            ckpt.retain(root, self.cfg.checkpoint.keep)
+            self._commit(tmp, final, name, self.progress.step, gathered, self.trainer_state())
         self._barrier()  # nobody reads or rolls back to it before it is in place
         return final
+
+    # ------------------------------------------------------------------ asynchronous save
+    def _snapshot(self, frags: list) -> list:
+        """The fragments copied into host float32 buffers (what write_rank_file writes, bit for bit)."""
+        pin = torch.cuda.is_available()
+        out, keys = [], set()
+        for kind, fname, start, t in frags:
+            key = (kind, fname, start, t.numel())
+            keys.add(key)
+            buf = self._host.get(key)
+            if buf is None:
+                buf = self._host[key] = torch.empty(t.numel(), dtype=torch.float32, pin_memory=pin)
+            buf.copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
+            out.append((kind, fname, start, buf))
+        for key in set(self._host) - keys:  # a fragment that is gone (not expected within a run)
+            del self._host[key]
+        if pin:
+            torch.cuda.synchronize()  # the copies are complete before the training thread goes on
+        return out
+
+    def _save_async(self) -> Path:
+        self.wait()
+        tmp, final, name = self._paths()
+        self._begin(tmp)
+        frags, shapes = self.steps.fragments(*self._owners())
+        snap = self._snapshot(frags)
+        rng = rng_state()
+        trainer = self.trainer_state(code=False) if self.rank == 0 else None
+        self._abort.clear()
+        self._inflight = threading.Thread(target=self._background, name="checkpoint-writer", daemon=True,
+                                          args=(tmp, final, name, self.progress.step, snap, shapes, rng, trainer))
+        self._inflight.start()
+        return final
+
+    def _background(self, tmp, final, name, step, snap, shapes, rng, trainer) -> None:
+        try:
+            delay = float(os.environ.get(DELAY_ENV, "0") or 0)  # tests: a slow filesystem
+            if delay:
+                time.sleep(delay)
+            fname, rows, records = self._write_own(tmp, snap, rng)
+            record = tmp / f"{RECORD_PREFIX}{self.rank:05d}.json"
+            part = record.with_name(record.name + ".part")
+            write_file_synced(part, json.dumps([fname, rows, {k: list(v) for k, v in shapes.items()},
+                                                records]).encode())
+            os.replace(part, record)  # rank 0 never reads a partial record
+            self.faults.crash_point("shards")
+            if self.rank == 0:
+                from . import provenance
+
+                gathered = self._collect(tmp)
+                trainer["code"] = provenance.git_state()  # git subprocesses: off the training thread
+                self._commit(tmp, final, name, step, gathered, trainer)
+        except BaseException as exc:  # re-raised on the training thread by wait()
+            self._error = exc
+
+    def _collect(self, tmp: Path) -> list:
+        """Rank 0: every rank's record file (the all-gather of a synchronous save, via the directory)."""
+        paths = [tmp / f"{RECORD_PREFIX}{r:05d}.json" for r in range(self.world)]
+        deadline = time.monotonic() + RECORD_TIMEOUT_S
+        while not all(p.is_file() for p in paths):
+            if self._abort.is_set() or time.monotonic() > deadline:
+                missing = [p.name for p in paths if not p.is_file()]
+                raise ckpt.CheckpointError(f"{tmp}: save abandoned, no record from {', '.join(missing[:4])}")
+            time.sleep(0.02)
+        gathered = [json.loads(p.read_text()) for p in paths]
+        for p in paths:
+            p.unlink()  # not part of the checkpoint
+        return gathered
+
+    def wait(self) -> None:
+        """Block until this rank's save in flight (if any) is done; raise its error here."""
+        thread, self._inflight = self._inflight, None
+        if thread is not None:
+            thread.join()
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def flush(self) -> None:
+        """Collective (with async_save): every rank's save in flight is committed when it returns."""
+        if self.async_save:
+            self.wait()
+            self._barrier()
+
+    def close(self) -> None:
+        """Finish this rank's own files of a save in flight; rank 0 stops waiting for missing records
+        (after an error exit some rank may never send one). Errors are reported, not raised."""
+        self._abort.set()
+        try:
+            self.wait()
+        except BaseException as exc:  # noqa: BLE001 - the process is leaving anyway
+            import sys
+
+            print(f"warning: checkpoint save in flight failed: {exc}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ find and load
     def latest(self) -> Path | None:

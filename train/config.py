@@ -173,6 +173,7 @@ class CheckpointConfig:
     keep: int = 3  # complete checkpoints kept (the newest is never deleted)
     resume: str = "auto"  # auto (newest verified in dir, else start fresh) | never | <checkpoint path>
     save_at_end: bool = True  # save after the last step
+    async_save: bool = False  # write in a background thread after a host snapshot (YAML cannot say `async`)
 
 
 @dataclass

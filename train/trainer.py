@@ -216,6 +216,7 @@ class Trainer:
                 clock.summary.update(ev)
         if out["preempt"]:
             self.save_checkpoint()
+            self.checkpointer.flush()  # an asynchronous save is committed before the exit
             raise Preempted(f"preempted by a signal: saved step {self.step} in {self.ckpt_root}")
         if out["save_due"] or (c.interval and self.step % c.interval == 0):
             self.save_checkpoint()
@@ -240,6 +241,7 @@ class Trainer:
             self.loop_step()
         if c.save_at_end and clock.saved_step != self.step:
             self.save_checkpoint()
+        self.checkpointer.flush()  # an asynchronous save in flight is committed before fit returns
         return {**clock.summary, "tokens_per_s": clock.throughput.overall(),
                 "elapsed_s": time.perf_counter() - clock.start, "tokens_seen": self.tokens_seen,
                 "skipped_updates": self.progress.skipped_total}
@@ -278,6 +280,7 @@ class Trainer:
         """After a loss spike: reload the newest complete checkpoint, keep the data position (the
         window since that checkpoint, spike included, is skipped)."""
         pr, t = self.progress, self.cfg.trainer
+        self.checkpointer.flush()  # a save in flight may be the newest checkpoint
         path = self.checkpointer.latest()
         if path is None:
             if self.rank == 0:
@@ -327,6 +330,8 @@ class Trainer:
         return {f"expert_load/layer_{i}": row.tolist() for i, row in enumerate(load)}
 
     def close(self) -> None:
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.close()  # a save in flight: this rank's files finish (flush() commits it)
         if getattr(self, "train_loader", None) is not None:
             self.train_loader.close()  # join its reader threads before the interpreter exits
         if getattr(self, "logger", None) is not None:
