@@ -165,15 +165,17 @@ def test_sigterm_on_one_rank_saves_and_exits_with_the_requeue_code(dataset, tmp_
 
 
 @pytest.mark.slow
-def test_a_crash_at_any_phase_of_a_save_leaves_the_previous_checkpoint(dataset, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_crash_at_any_phase_of_a_save_leaves_the_previous_checkpoint(dataset, tmp_path, mode):
     """A chain of runs on one checkpoint directory, each killed (SIGKILL, one rank) at one phase of its
     second save; the next run resumes with resume=auto from the newest complete checkpoint and must
-    reproduce the killed run's steps after it."""
+    reproduce the killed run's steps after it. `async`: the phases run in the background thread of
+    checkpoint.async_save=true, while training goes on."""
     ckpt_dir = tmp_path / "ckpt"
     # One max_steps for every run: the LR, MTP-weight and bias-speed schedules depend on it. Each
     # run saves every 2 steps and is killed in its second save.
     base = [f"data.path={dataset}", *TINY, "trainer.max_steps=11", "checkpoint.interval=2", "checkpoint.keep=10",
-            f"checkpoint.dir={ckpt_dir}"]
+            f"checkpoint.dir={ckpt_dir}", f"checkpoint.async_save={mode == 'async'}"]
     # (phase, processes, kill spec, checkpoint resume must pick)
     chain = [("writing", 2, "kill@save:writing:1#2", None),  # killed saving step 4
              ("shards", 1, "kill@save:shards#2", 2),  # resumes at 2; killed saving 6
