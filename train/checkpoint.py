@@ -161,6 +161,7 @@ class CheckpointManager:
         (with `async_save` it appears when the background write has committed: `flush()`)."""
         if self.async_save:
             return self._save_async()
+        self.wait()  # none in flight unless async_save was switched off meanwhile
         tmp, final, name = self._paths()
         self._begin(tmp)
         frags, shapes = self.steps.fragments(*self._owners())
