@@ -120,8 +120,10 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         for ours, hf in MTP_SHARED.items():
             out[f"model.layers.{cfg.n_layers + k}.{hf}"] = sd[ours]
 
-    def order(item):  # embedding, layers in order (MTP last), final norm, head
-        m = re.match(r"model\.layers\.(\d+)\.", item[0])
-        return (1, int(m[1])) if m else ((0, 0) if "embed" in item[0] else (2, 0))
+    return dict(sorted(out.items(), key=lambda item: file_order(item[0])))
 
-    return dict(sorted(out.items(), key=order))
+
+def file_order(hf: str) -> tuple[int, int]:
+    """Sort key of checkpoint names: embedding, layers in order (MTP last), final norm, head."""
+    m = re.match(r"model\.layers\.(\d+)\.", hf)
+    return (1, int(m[1])) if m else ((0, 0) if "embed" in hf else (2, 0))

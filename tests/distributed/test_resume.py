@@ -99,7 +99,7 @@ def test_export_from_a_pipeline_expert_parallel_checkpoint_loads_in_transformers
     from train.export import ExportArgs, export, load_model
 
     _, ckpt = parity_run("pp2_ep2")
-    export(ExportArgs(checkpoint=str(ckpt), output=str(tmp_path / "hf")))  # the newest: step 20
+    export(ExportArgs(checkpoint=str(ckpt), output=str(tmp_path / "hf"), dtype="fp32"))  # the newest: step 20
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
                                                   attn_implementation="eager").eval()
     ours = load_model(ckpt / "step-00000020")
@@ -109,4 +109,5 @@ def test_export_from_a_pipeline_expert_parallel_checkpoint_loads_in_transformers
         logits = ours(x)
         assert (logits - theirs(x).logits).abs().max().item() <= 1e-4
         assert (logits - single(x)).abs().max().item() <= 1e-3  # the same training in another layout
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

@@ -118,7 +118,7 @@ def test_te_checkpoint_exports_to_a_folder_transformers_loads(single, pipeline_r
 
     from train.export import ExportArgs, export, load_model
 
-    source = export(ExportArgs(checkpoint=str(pipeline_resumed[2]), output=str(tmp_path / "hf")))
+    source = export(ExportArgs(checkpoint=str(pipeline_resumed[2]), output=str(tmp_path / "hf"), dtype="fp32"))
     assert source.name == f"step-{STEPS:08d}"
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
                                                   attn_implementation="eager").eval()
@@ -129,4 +129,5 @@ def test_te_checkpoint_exports_to_a_folder_transformers_loads(single, pipeline_r
         logits = ours(x)
         assert (logits - theirs(x).logits).abs().max().item() <= 1e-4
         assert (logits - one_process(x)).abs().max().item() <= 1e-4  # measured 1.2e-6
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
