@@ -143,3 +143,16 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(dataset, tmp_path
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(begun[1]["step"] + 1, STEPS + 1):
         assert b[step] == a[step], (step, a[step], b[step])
+
+
+def test_wall_time_checkpoints_are_taken_without_a_step_interval(dataset, tmp_path):
+    """checkpoint.interval=0 and a tiny checkpoint.interval_minutes: a save after every step (the
+    flag rides in the step guard's all-reduce), none at the end (save_at_end=false)."""
+    from test_train_cli import TINY, run_train
+
+    r = run_train([f"data.path={dataset}", *TINY, "trainer.max_steps=3", "checkpoint.interval=0",
+                   "checkpoint.interval_minutes=0.00001", "checkpoint.save_at_end=false", "checkpoint.keep=5",
+                   f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{s:08d}" for s in (1, 2, 3)], saved
