@@ -271,6 +271,20 @@ class Reader:
         return out
 
 
+class WeightsOnly:
+    """A reader's parameters and buffers, none of its optimizer state: `restore` through it sets
+    the weights (and the fp32 master weights) and leaves the Adam moments as they are (fresh)."""
+
+    def __init__(self, reader):
+        self.reader, self.root, self.shapes = reader, reader.root, reader.shapes
+
+    def has(self, kind: str, name: str) -> bool:
+        return kind in ("param", "buffer") and self.reader.has(kind, name)
+
+    def read(self, kind: str, name: str, start: int = 0, numel: int | None = None) -> torch.Tensor:
+        return self.reader.read(kind, name, start, numel)
+
+
 def check_shapes(reader: Reader, module: nn.Module, n_routed_experts: int) -> None:
     """Every parameter and buffer of this rank exists in the checkpoint with the same global shape."""
     params, buffers = slots(module, n_routed_experts)

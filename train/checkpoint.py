@@ -286,24 +286,64 @@ class CheckpointManager:
         return path
 
     def restore(self) -> Path | None:
-        """Resume as `checkpoint.resume` asks: everything, the loader's position included."""
+        """Resume as `checkpoint.resume` asks: everything, the loader's position included (but
+        `checkpoint.reset_optimizer` / `reset_data`); with nothing to resume, `init_from`'s weights."""
+        c = self.cfg.checkpoint
         path = self._requested()
         if path is not None:
-            self.load(path, with_loader=True)
+            self.load(path, with_loader=not c.reset_data, with_optimizer=not c.reset_optimizer)
             self.resumed_from = path
             if self.rank == 0:
-                print(f"resumed from {path} at step {self.progress.step}", flush=True)
+                resets = [k for k in ("reset_optimizer", "reset_data") if getattr(c, k)]
+                print(f"resumed from {path} at step {self.progress.step}"
+                      + (f" ({', '.join(resets)})" if resets else ""), flush=True)
+        elif c.init_from:
+            self.init_weights(Path(c.init_from))
         return path
 
-    def load(self, path: Path, *, with_loader: bool) -> dict:
+    def init_weights(self, path: Path) -> Path:
+        """The weights of a Hugging Face folder or a moeforge checkpoint, nothing else: each rank
+        reads only the ranges it holds (parallel/state.py `restore`; model/hf_reader.py)."""
+        from model.hf_reader import SAME, HFRangeReader, is_hf_folder
+
+        gather = self._gather if self.world > 1 else None
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint.init_from={path}: no such folder")
+        if is_hf_folder(path):
+            reader = HFRangeReader(path, self.cfg.model)
+        else:
+            if not (path / ckpt.MANIFEST).exists() and ckpt.complete_checkpoints(path):
+                chosen = ckpt.select(path, self.rank, self.world, gather)
+                if chosen is None:
+                    raise ckpt.CheckpointError(f"checkpoint.init_from={path}: no checkpoint in it verifies")
+                path = chosen
+            elif not (path / ckpt.MANIFEST).exists():
+                raise ckpt.CheckpointError(f"checkpoint.init_from={path}: neither a Hugging Face folder "
+                                           "(config.json) nor a moeforge checkpoint (manifest.json)")
+            else:
+                ckpt.verify(path, self.rank, self.world, gather)
+            saved = ckpt.read_trainer_state(path).get("model", {})
+            diff = ckpt.first_difference({k: saved.get(k) for k in SAME},
+                                         {k: v for k, v in asdict(self.cfg.model).items() if k in SAME})
+            if diff:
+                raise ConfigError(f"checkpoint.init_from={path}: incompatible model: model.{diff}")
+            reader = pstate.Reader(path)
+        self.steps.load_state_dict(self.steps.state_dict(), pstate.WeightsOnly(reader))
+        if self.rank == 0:
+            print(f"initialized weights from {path}", flush=True)
+        return path
+
+    def load(self, path: Path, *, with_loader: bool, with_optimizer: bool = True) -> dict:
         """Weights, optimizer state, counters and RNG of `path` into this (possibly other) layout.
 
-        A rollback keeps the loader where it is (with_loader=False): the data since `path` is skipped."""
+        A rollback keeps the loader where it is (with_loader=False): the data since `path` is skipped.
+        with_optimizer=False keeps this run's (fresh) Adam moments."""
         state = ckpt.read_trainer_state(path)
         diff = ckpt.first_difference(state.get("model", {}), asdict(self.cfg.model))
         if diff:
             raise ConfigError(f"checkpoint {path}: incompatible model: model.{diff}")
-        self.steps.load_state_dict(state, pstate.Reader(path))
+        reader = pstate.Reader(path)
+        self.steps.load_state_dict(state, reader if with_optimizer else pstate.WeightsOnly(reader))
         self.progress.load_state_dict(state)
         self.spike.load_state_dict(state.get("spike", {}))
         rng_file = path / f"rank-{self.rank:05d}.json"

@@ -172,6 +172,11 @@ class CheckpointConfig:
     interval_minutes: float = 30.0  # wall time between saves, agreed across ranks; 0 = by steps only
     keep: int = 3  # complete checkpoints kept (the newest is never deleted)
     resume: str = "auto"  # auto (newest verified in dir, else start fresh) | never | <checkpoint path>
+    # With nothing to resume: start from these weights only (fresh optimizer, data position and step):
+    # a Hugging Face folder (config.json + safetensors) or a moeforge checkpoint (or checkpoint dir).
+    init_from: str = ""
+    reset_optimizer: bool = False  # on resume: fresh Adam moments (weights, step and data position kept)
+    reset_data: bool = False  # on resume: the data loader starts over (weights and optimizer kept)
     save_at_end: bool = True  # save after the last step
     async_save: bool = False  # write in a background thread after a host snapshot (YAML cannot say `async`)
 
