@@ -111,3 +111,51 @@ def test_export_from_a_pipeline_expert_parallel_checkpoint_loads_in_transformers
         assert (logits - single(x)).abs().max().item() <= 1e-3  # the same training in another layout
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_init_from_a_hugging_face_folder_at_pp2_ep2(dataset, tmp_path):
+    """`checkpoint.init_from=<HF folder>` at pp=2 × ep=2 (4 processes, each reading only the
+    tensors and experts it holds): after one step at lr 1e-30 (an update far below float32's
+    resolution of the weights; no router-bias update) every saved weight equals `model.hf.load`
+    of the folder (a weight that is exactly 0.0 moves by ~1e-35), and the optimizer, step and data position are fresh. Then a resume of that
+    checkpoint with reset_optimizer and reset_data restarts the Adam moments and the data."""
+    import yaml
+
+    from model import ModelConfig, Transformer
+    from model import hf
+    from parallel.state import Reader
+
+    cfg = ModelConfig(**{**yaml.safe_load((ROOT / "conf" / "model" / "smoke.yaml").read_text()),
+                         "n_mtp_layers": 1}).validate()
+    torch.manual_seed(7)
+    source = Transformer(cfg)
+    source.init_weights(7)
+    with torch.no_grad():
+        for name, b in source.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.rand_like(b) - 0.1)
+    hf.save(source, tmp_path / "hf", max_shard_bytes=2_000_000)
+    reference = hf.load(tmp_path / "hf").state_dict()
+    common = dict(trainer__max_steps=1, optim__lr=1e-30, schedule__bias_update_gamma=0.0,
+                  checkpoint__dir=tmp_path / "ckpt")
+    args = overrides(dataset, ["parallel.pp=2", "parallel.ep=2"], checkpoint__init_from=tmp_path / "hf", **common)
+    r, steps = run_cli(4, args, tmp_path / "first", salt=11)
+    assert "initialized weights from" in r.stdout and [m["step"] for m in steps] == [1]
+    saved = tmp_path / "ckpt" / "step-00000001"
+    reader = Reader(saved)
+    assert sorted(reader.names("param") + reader.names("buffer")) == sorted(reference)
+    for name, want in reference.items():
+        kind = "param" if reader.has("param", name) else "buffer"
+        got = reader.read(kind, name).view(want.shape)
+        assert torch.equal(got[want != 0], want[want != 0].float()), name  # the step moved none of them
+        assert (got - want).abs().max().item() <= 1e-30, name  # an exact 0.0 moves by ~1e-35
+    state = json.loads((saved / "trainer.json").read_text())
+    assert (state["step"], state["adam_step"], state["loader"]["sequences_consumed"]) == (1, 1, 8)
+
+    common.update(trainer__max_steps=2, checkpoint__dir=tmp_path / "ckpt2")
+    args = overrides(dataset, [], checkpoint__resume=saved, checkpoint__reset_optimizer="true",
+                     checkpoint__reset_data="true", **common)
+    r, steps = run_cli(1, args, tmp_path / "second", salt=13)
+    assert "resumed from" in r.stdout and "reset_optimizer, reset_data" in r.stdout
+    state = json.loads((tmp_path / "ckpt2" / "step-00000002" / "trainer.json").read_text())
+    assert (state["step"], state["adam_step"], state["loader"]["sequences_consumed"]) == (2, 1, 8)
