@@ -159,3 +159,19 @@ def test_init_from_a_hugging_face_folder_at_pp2_ep2(dataset, tmp_path):
     assert "resumed from" in r.stdout and "reset_optimizer, reset_data" in r.stdout
     state = json.loads((tmp_path / "ckpt2" / "step-00000002" / "trainer.json").read_text())
     assert (state["step"], state["adam_step"], state["loader"]["sequences_consumed"]) == (2, 1, 8)
+
+    # A moeforge checkpoint directory (its newest verified checkpoint) in one process: the same weights.
+    common.update(trainer__max_steps=1, checkpoint__dir=tmp_path / "ckpt3")
+    r, _ = run_cli(1, overrides(dataset, [], checkpoint__init_from=tmp_path / "ckpt", **common), tmp_path / "third", 17)
+    assert f"initialized weights from {saved}" in r.stdout
+    again = Reader(tmp_path / "ckpt3" / "step-00000001")
+    for name in reader.names("param"):
+        got, want = again.read("param", name).view(reference[name].shape), reference[name]
+        assert torch.equal(got[want != 0], want[want != 0]) and (got - want).abs().max().item() <= 1e-30, name
+    missing = tmp_path / "missing"
+    common.update(checkpoint__dir=tmp_path / "ckpt4")
+    cmd = launcher(1, 0) + ["-m", "train", *overrides(dataset, [], checkpoint__init_from=missing, **common),
+                            f"hydra.run.dir={tmp_path / 'fourth'}"]
+    bad = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 2 and f"error: checkpoint.init_from={missing}: no such folder" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
