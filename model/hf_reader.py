@@ -72,7 +72,8 @@ class HFRangeReader:
         else:
             t = self._ckpt.get(hf, shape)
         t = t.to(torch.float32)
-        if not self.layout.rope_interleave and name.endswith(("attn.wq.weight", "attn.wq_b.weight", "attn.wkv_a.weight")):
+        rotary = ("attn.wq.weight", "attn.wq_b.weight", "attn.wkv_a.weight")
+        if not self.layout.rope_interleave and name.endswith(rotary):
             C, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
             perm = torch.arange(R).view(2, R // 2).t().flatten()
             t = t.clone()
@@ -94,7 +95,8 @@ class HFRangeReader:
             handle = self._ckpt._open(self._ckpt.files[fused])
             actual = tuple(handle.get_slice(fused).get_shape())
             if actual != want:
-                raise HFCheckpointError(f"{self._ckpt.files[fused]}: tensor {fused} has shape {actual}, expected {want}")
+                raise HFCheckpointError(f"{self._ckpt.files[fused]}: tensor {fused} has shape {actual}, "
+                                        f"expected {want}")
             self._ckpt.used.add(fused)
             part = handle.get_slice(fused)[first:last]
             if proj != "down_proj":

@@ -117,7 +117,7 @@ def write_folder(target: str | os.PathLike, config: dict, entries: list[Entry], 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable character map (what tokenizers' ByteLevel uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -145,4 +145,5 @@ def byte_tokenizer_files(model_max_length: int) -> dict[str, bytes]:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
               "add_bos_token": False, "add_eos_token": False, "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    return {"tokenizer.json": tok.to_str().encode(),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}

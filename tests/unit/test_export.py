@@ -154,7 +154,7 @@ def test_bad_dtype_is_a_user_error(tmp_path):
 
 
 MEASURE = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, pathlib, sys, threading, time
     import torch, tokenizers, safetensors, transformers  # imported before the baseline
     from model import ModelConfig, Transformer
     from train.export import ExportArgs, export, load_model
@@ -177,7 +177,7 @@ MEASURE = textwrap.dedent("""
     if sys.argv[1] == "stream":
         export(ExportArgs(checkpoint=sys.argv[2], output=sys.argv[3], dtype="fp32", shard_mb=float(sys.argv[4])))
     else:
-        model = load_model(__import__("pathlib").Path(sys.argv[2]))  # what export did before it streamed: the whole model in memory
+        model = load_model(pathlib.Path(sys.argv[2]))  # as export did before it streamed: the whole model
     done[0] = True
     t.join()
     print(json.dumps({"peak": max(peak[0], anon()) - base}))
