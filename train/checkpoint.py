@@ -174,19 +174,34 @@ class CheckpointManager:
         return final
 
     # ------------------------------------------------------------------ asynchronous save
+    def _host_buffer(self, key: tuple, numel: int, pin: bool, used: set) -> torch.Tensor:
+        used.add(key)
+        buf = self._host.get(key)
+        if buf is None:
+            buf = self._host[key] = torch.empty(numel, dtype=torch.float32, pin_memory=pin)
+        return buf
+
     def _snapshot(self, frags: list) -> list:
-        """The fragments copied into host float32 buffers (what write_rank_file writes, bit for bit)."""
+        """The fragments copied into host float32 buffers (what write_rank_file writes, bit for bit).
+
+        Fragments that are ranges of one flat float32 tensor (ZeRO's partitions and their Adam
+        moments) are copied as that tensor in one go, then addressed as views of the copy."""
         pin = torch.cuda.is_available()
-        out, keys = [], set()
+        out, used, copied = [], set(), {}
         for kind, fname, start, t in frags:
-            key = (kind, fname, start, t.numel())
-            keys.add(key)
-            buf = self._host.get(key)
-            if buf is None:
-                buf = self._host[key] = torch.empty(t.numel(), dtype=torch.float32, pin_memory=pin)
-            buf.copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
-            out.append((kind, fname, start, buf))
-        for key in set(self._host) - keys:  # a fragment that is gone (not expected within a run)
+            base = t._base
+            if (base is not None and base.dim() == 1 and base.is_contiguous() and t.is_contiguous()
+                    and base.dtype == t.dtype == torch.float32 and base.device == t.device):
+                key = ("flat", base.data_ptr(), base.numel())
+                if key not in copied:
+                    copied[key] = self._host_buffer(key, base.numel(), pin, used)
+                    copied[key].copy_(base.detach(), non_blocking=pin and base.is_cuda)
+                view = copied[key].narrow(0, t.storage_offset() - base.storage_offset(), t.numel())
+            else:
+                view = self._host_buffer((kind, fname, start, t.numel()), t.numel(), pin, used)
+                view.copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
+            out.append((kind, fname, start, view))
+        for key in set(self._host) - used:  # buffers of tensors that are gone (not expected within a run)
             del self._host[key]
         if pin:
             torch.cuda.synchronize()  # the copies are complete before the training thread goes on

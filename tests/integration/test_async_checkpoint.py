@@ -17,10 +17,11 @@ from tests.integration.test_faults import ROOT, TINY, command, environment, metr
 
 
 def run(args, run_dir, delay: float = 0.0) -> subprocess.CompletedProcess:
+    """dp=2: ZeRO partitions (snapshotted as whole flat tensors) and two ranks' record files."""
     env = environment()
     if delay:
         env["MOEFORGE_CHECKPOINT_DELAY_S"] = str(delay)
-    return subprocess.run(command([*args, f"hydra.run.dir={run_dir}"], 1), cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run(command([*args, f"hydra.run.dir={run_dir}"], 2), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
