@@ -132,11 +132,14 @@ def worker_pids(parent: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_saves_and_exits_with_the_requeue_code(dataset, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_on_one_rank_saves_and_exits_with_the_requeue_code(dataset, tmp_path, mode):
+    """`async`: the save's background write is held back 2 s; the exit still waits for its commit."""
     ckpt_dir = tmp_path / "ckpt"
     args = [f"data.path={dataset}", *TINY, "trainer.max_steps=100000", f"checkpoint.dir={ckpt_dir}",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(command(args, 2), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+            f"hydra.run.dir={tmp_path / 'run'}", f"checkpoint.async_save={mode == 'async'}"]
+    env = {**environment(), **({"MOEFORGE_CHECKPOINT_DELAY_S": "2"} if mode == "async" else {})}
+    proc = subprocess.Popen(command(args, 2), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
