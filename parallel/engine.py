@@ -122,10 +122,9 @@ def _init_under_torchrun(backend: str, timeout: datetime.timedelta) -> None:
     store gives every attempt fresh keys."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
-                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    # torch's own env:// store (the agent's, as torch would open it: a TCPStore client of its own
+    # would outlive the group and abort the process at exit), under a prefix of this restart.
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     prefix = f"moeforge/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
                             timeout=timeout)
