@@ -1,0 +1,165 @@
+"""Checkpoint cost: training time lost per save, asynchronous against synchronous, and save/load GB/s.
+
+One process trains (the full trainer, ZeRO-1 on the CPU) and saves every so often in both modes,
+alternating, on the same trainer. The stall of a save is the training time it costs:
+
+    stall = (wall time from the save call until the save is done, training steps included)
+            - (those steps × the median step time without a save, measured just before)
+
+Synchronous: essentially the save call. Asynchronous: the snapshot on the training thread plus
+what the background write takes away from the steps that run meanwhile (CPU and GIL contention;
+on this 2-core CPU machine it competes with the training's own threads). "blocking" is the save
+call alone. Goal: async stall ≤ 20% of the synchronous stall.
+
+Throughput: save GB/s = checkpoint bytes / synchronous save time (write, fsync, SHA-256, commit);
+load GB/s = bytes / `CheckpointManager.load` time (read into the engine, no hashing); both against
+`cp -r` of the same directory followed by `sync` of the copies (goal ≥ 0.7 of cp).
+
+    python bench/checkpoint.py                        # smoke and the larger CPU config
+    python bench/checkpoint.py --configs smoke --saves 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+# The models of bench/trainer.py; short steps (64 tokens × 2) so that the step-time noise of a
+# shared machine stays small against the save (the checkpoint's size depends on the model only).
+SHORT = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"]
+CONFIGS = {
+    "smoke": ["model=smoke", *SHORT],
+    "large": ["model=smoke", "model.dim=384", "model.n_heads=6", "model.moe_inter_dim=192", "model.inter_dim=1024",
+              "model.n_routed_experts=32", "model.n_layers=6", "model.q_lora_rank=192", "model.kv_lora_rank=128",
+              "model.vocab_size=512", *SHORT, "model.max_seq_len=512", "model.original_seq_len=512"],
+}
+
+
+def build_trainer(overrides: list[str], data: Path, work: Path):
+    from parallel.engine import init_distributed
+    from train.config import compose, to_config
+    from train.data_setup import build_loaders
+    from train.trainer import Trainer
+
+    cfg = to_config(compose([*overrides, f"data.path={data}", "trainer.max_steps=100000", "trainer.log_interval=1000",
+                             "trainer.eval_interval=0", "logging.wandb.mode=disabled", "logging.progress_bar=false",
+                             f"checkpoint.dir={work / 'ckpt'}", "checkpoint.interval=0",
+                             "checkpoint.interval_minutes=0", "checkpoint.keep=2", "checkpoint.resume=never"]))
+    if not torch.distributed.is_initialized():
+        init_distributed(torch.device("cpu"))
+    trainer = Trainer(cfg, work / "run", world_size=1, rank=0)
+    train_loader, val_factory = build_loaders(cfg, data, 0, 1)
+    trainer.setup(train_loader, val_factory)
+    return trainer
+
+
+def step_time(trainer) -> float:
+    t0 = time.perf_counter()
+    trainer.train_step()
+    return time.perf_counter() - t0
+
+
+def one_save(trainer, use_async: bool, baseline_steps: int) -> dict:
+    """Baseline steps, then a save and steps until it is done; the save's stall and blocking time."""
+    ck = trainer.checkpointer
+    ck.async_save = use_async
+    base = statistics.median(step_time(trainer) for _ in range(baseline_steps))
+    t0 = time.perf_counter()
+    ck.save()
+    blocking = time.perf_counter() - t0
+    n = 0
+    while ck._inflight is not None and ck._inflight.is_alive():
+        trainer.train_step()
+        n += 1
+    ck.wait()
+    total = time.perf_counter() - t0
+    return {"stall": total - n * base, "blocking": blocking, "steps_during": n, "step_s": base}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def cp_seconds(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync", *map(str, dst.iterdir())], check=True)
+    return time.perf_counter() - t0
+
+
+def run(name: str, data: Path, saves: int, baseline_steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trainer = build_trainer(CONFIGS[name], data, work)
+        try:
+            for _ in range(3):  # warm-up
+                trainer.train_step()
+            one_save(trainer, True, 1)  # first save of each kind allocates (host buffers, files)
+            one_save(trainer, False, 1)
+            res = {"sync": [], "async": []}
+            for i in range(saves):
+                for mode in (("sync", "async") if i % 2 == 0 else ("async", "sync")):
+                    res[mode].append(one_save(trainer, mode == "async", baseline_steps))
+            latest = max(trainer.checkpointer.root.glob("step-*"))
+            size = dir_bytes(latest)
+            save_s = statistics.median(r["stall"] for r in res["sync"])  # a sync save blocks for all of it
+            load_s, cp_s = [], []
+            for i in range(3):
+                t0 = time.perf_counter()
+                trainer.checkpointer.load(latest, with_loader=False)
+                load_s.append(time.perf_counter() - t0)
+                cp_s.append(cp_seconds(latest, work / f"cp{i}"))
+        finally:
+            trainer.close()
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("stall", "blocking", "steps_during", "step_s")}
+           for m, rs in res.items()}
+    gb = size / 1e9
+    cp = statistics.median(cp_s)
+    return {"config": name, "gb": gb, "step_s": med["sync"]["step_s"], "sync_stall": med["sync"]["stall"],
+            "async_stall": med["async"]["stall"], "async_blocking": med["async"]["blocking"],
+            "steps_during": med["async"]["steps_during"],
+            "ratio": med["async"]["stall"] / med["sync"]["stall"],
+            "save_gbs": gb / save_s, "load_gbs": gb / statistics.median(load_s), "cp_gbs": gb / cp}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--saves", type=int, default=3, help="saves of each kind per config (alternated)")
+    ap.add_argument("--baseline-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "stdlib"
+        subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={data}", "tokenizer=byte",
+                        "max_chars=3000000", "val_fraction=0.05", "progress=false"], check=True,
+                       capture_output=True)
+        rows = []
+        for c in args.configs:
+            rows.append(run(c, data, args.saves, args.baseline_steps))
+            print(f"{c}: {rows[-1]}", file=sys.stderr, flush=True)
+    print("| config | checkpoint GB | step s | sync stall s | async stall s | async blocking s | steps during "
+          "async write | async/sync stall (goal ≤ 0.20) | save GB/s | load GB/s | cp GB/s | save/cp | load/cp "
+          "(goal ≥ 0.7) |")
+    print("|---" * 13 + "|")
+    for r in rows:
+        print(f"| {r['config']} | {r['gb']:.3f} | {r['step_s']:.3f} | {r['sync_stall']:.3f} | {r['async_stall']:.3f} "
+              f"| {r['async_blocking']:.3f} | {r['steps_during']:.0f} | {r['ratio']:.2f} | {r['save_gbs']:.2f} "
+              f"| {r['load_gbs']:.2f} | {r['cp_gbs']:.2f} | {r['save_gbs'] / r['cp_gbs']:.2f} "
+              f"| {r['load_gbs'] / r['cp_gbs']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
