@@ -103,9 +103,15 @@ def test_a_resumed_run_makes_the_same_spike_decision(skipped_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_rollback_reloads_the_last_checkpoint_and_skips_the_data_since(dataset, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rollback_reloads_the_last_checkpoint_and_skips_the_data_since(dataset, tmp_path, mode, monkeypatch):
+    """`async`: every background write is held back 2 s, so the save of step 6 is still in flight at
+    step 7's spike; the rollback waits for it and goes back to step 6."""
+    if mode == "async":
+        monkeypatch.setenv("MOEFORGE_CHECKPOINT_DELAY_S", "2")
     args = [f"data.path={dataset}", *TINY, *SPIKE, "trainer.spike.action=rollback", "trainer.max_steps=10",
-            "checkpoint.interval=2", "checkpoint.keep=10", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+            "checkpoint.interval=2", "checkpoint.keep=10", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            f"checkpoint.async_save={mode == 'async'}"]
     r = train(args, tmp_path / "run", faults="spike@7")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rolled back to step-00000006" in r.stderr
