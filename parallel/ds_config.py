@@ -141,7 +141,9 @@ def check_deepspeed(cfg) -> None:
     import logging
     import os
 
-    from parallel.engine import resolve_device
+    import torch
+
+    from parallel.engine import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu":  # as train/__main__.py does before DeepSpeed's first import
@@ -155,7 +157,7 @@ def check_deepspeed(cfg) -> None:
 
     t, p = cfg.trainer, cfg.parallel
     layout = Layout(int(os.environ.get("WORLD_SIZE", 1)), p.pp, p.ep)  # the launch's world (train/__main__.py)
-    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
+    bf16 = resolve_dtype(t.dtype, device) == torch.bfloat16
     merged = _KeysRead(deepspeed_config(
         micro_batch_size=t.micro_batch_size, grad_accum=1, zero_stage=layout.zero_stage(p.zero_stage, bf16),
         grad_clip=cfg.optim.grad_clip, bf16=bf16, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

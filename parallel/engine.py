@@ -32,6 +32,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`trainer.dtype` (auto, fp32, bf16) on `device` → the compute dtype; auto = bf16 on CUDA, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 @dataclass
 class DistEnv:
     """Process facts known before any process group exists (torchrun's environment)."""

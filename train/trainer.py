@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from model import flops_per_token, moe_layers
-from parallel.engine import resolve_device
+from parallel.engine import resolve_device, resolve_dtype
 from parallel.topology import Layout, build_groups
 
 from . import metrics as M
@@ -46,17 +46,11 @@ from .log import MetricsLogger
 from .schedule import gamma_at, global_batch_at, lr_at, mtp_lambda_at
 from .step import Coefficients, TrainError, build_step_module
 
-__all__ = ["Trainer", "TrainError", "Preempted", "Progress", "resolve_dtype"]
+__all__ = ["Trainer", "TrainError", "Preempted", "Progress"]
 
 
 class Preempted(RuntimeError):
     """A preemption signal arrived; the run saved a checkpoint and must leave (EXIT_PREEMPTED)."""
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 @dataclass
