@@ -34,15 +34,22 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "index.json").is_file()
 
 
+def check_compatible(root: Path, model: ModelConfig):
+    """Raise HFCheckpointError naming the first architecture key where the folder's config.json
+    differs from `model`; returns the folder's tensor layout. Reads config.json only."""
+    hf_cfg, layout = parse_config(read_config(root), str(root / "config.json"))
+    for f in SAME:
+        a, b = getattr(hf_cfg, f), getattr(model, f)
+        if a != b:
+            raise HFCheckpointError(f"{root / 'config.json'}: model.{f} is {a!r} there but {b!r} in this "
+                                    "run's model config")
+    return layout
+
+
 class HFRangeReader:
     def __init__(self, folder: str | Path, model: ModelConfig):
         self.root = Path(folder)
-        hf_cfg, self.layout = parse_config(read_config(self.root), str(self.root / "config.json"))
-        for f in SAME:
-            a, b = getattr(hf_cfg, f), getattr(model, f)
-            if a != b:
-                raise HFCheckpointError(f"{self.root / 'config.json'}: model.{f} is {a!r} there but {b!r} in this "
-                                        "run's model config")
+        self.layout = check_compatible(self.root, model)
         self.cfg = model
         self._ckpt = _Checkpoint(self.root)
         from .transformer import Transformer

@@ -196,9 +196,18 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
     return cfg
 
 
-def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dict):
-    """deepspeed.initialize → (engine, optimizer)."""
+def initialize(module: torch.nn.Module, param_groups: list[dict], ds_config: dict, startup_timeout_s: int = 600):
+    """deepspeed.initialize → (engine, optimizer), under the startup watchdog: on GPU DeepSpeed
+    JIT-builds its fused Adam here (`torch.utils.cpp_extension`, the same lock file as the
+    communication op), so a build lock left by a killed process is named in one line instead
+    of a silent wait (parallel/startup.py)."""
     import deepspeed
 
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups, config=ds_config)
+    from .startup import StartupWatchdog, startup_timeout
+
+    env = DistEnv.from_environ()
+    with StartupWatchdog(startup_timeout(startup_timeout_s), rank=env.rank, world_size=env.world_size,
+                         what="deepspeed.initialize (optimizer and ZeRO setup)"):
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups,
+                                                       config=ds_config)
     return engine, optimizer

@@ -19,8 +19,10 @@ Files are safetensors, so loading never unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,26 +177,52 @@ def fragments(module: nn.Module, optimizer, n_routed_experts: int, owner: bool, 
     return out, shapes
 
 
-def write_rank_file(path: Path, frags: list, crash=None) -> list[list]:
-    """Write fragments into one safetensors file (fsynced); returns index rows [kind, name, start, numel].
+def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], dict]:
+    """Write fragments into one safetensors file, fsynced; returns the index rows [kind, name,
+    start, numel] and the file's record {"size", "sha256"} for the manifest.
 
-    `crash()` runs halfway through the write (fault injection: a rank killed mid-write)."""
-    from safetensors.torch import save
-
-    tensors, rows = {}, []
+    The file is streamed tensor by tensor: the safetensors header (8-byte little-endian length,
+    JSON padded with spaces to a multiple of 8, every tensor float32 and 1-D, in name order as
+    safetensors' own writer orders them), then each tensor's bytes straight from its memory.
+    Nothing is serialised into one buffer first, and the SHA-256 is taken from the bytes as they
+    are written instead of by reading the file back (bench/checkpoint.py). `crash()` runs halfway
+    through the write (fault injection: a rank killed mid-write)."""
+    rows, entries = [], []
     for kind, name, start, t in frags:
-        tensors[f"{kind}:{name}:{start}"] = t.detach().to(torch.float32).contiguous()
+        entries.append((f"{kind}:{name}:{start}", t))
         rows.append([kind, name, start, t.numel()])
-    data = save(tensors)
-    with open(path, "wb") as f:
-        half = len(data) // 2
-        f.write(data[:half])
-        if crash is not None:
-            f.flush()
-            crash()
-        f.write(data[half:])
+    entries.sort(key=lambda e: e[0])
+    header, offset = {}, 0
+    for key, t in entries:
+        header[key] = {"dtype": "F32", "shape": [t.numel()], "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    digest = hashlib.sha256()
+    size, written = 0, 0
+
+    def put(f, data) -> None:
+        nonlocal size
+        digest.update(data)  # hashlib and write both release the GIL for large buffers
+        f.write(data)
+        size += len(data)
+
+    with open(path, "wb", buffering=0) as f:
+        put(f, struct.pack("<Q", len(head)) + head)
+        for _, t in entries:
+            flat = t.detach().reshape(-1).to("cpu", torch.float32).contiguous()
+            view = memoryview(flat.numpy()).cast("B")
+            for lo in range(0, len(view), _WRITE_CHUNK):
+                put(f, view[lo:lo + _WRITE_CHUNK])
+            written += view.nbytes
+            if crash is not None and written * 2 >= offset:
+                crash()
+                crash = None
         sync_file(f)
-    return rows
+    return rows, {"size": size, "sha256": digest.hexdigest()}
+
+
+_WRITE_CHUNK = 1 << 24  # bytes per write() and hash update
 
 
 def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:

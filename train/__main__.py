@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         check_fp8(cfg)
         check_dataset(cfg)
         checkpoint.precheck(cfg.checkpoint.resume, asdict(cfg.model))
+        if cfg.checkpoint.init_from:
+            from .checkpoint import init_source
+
+            init_source(Path(cfg.checkpoint.init_from), cfg.model)
         resolved_yaml = OmegaConf.to_yaml(composed)
         run_dir = run.resolve_run_dir(run_dir_arg, cfg.run.name)
         changes = run.config_changes(run_dir, resolved_yaml, allow_change)

@@ -46,6 +46,36 @@ RECORD_PREFIX = "records-"  # an asynchronous save's per-rank report to rank 0 (
 RECORD_TIMEOUT_S = 600.0  # rank 0 gives a save up when a rank's record has not come by then
 
 
+def init_source(path: Path, model) -> str:
+    """What `checkpoint.init_from=<path>` names, after the cheap checks (no hashing, no weights):
+    "hf" (a Hugging Face folder), "checkpoint" (one moeforge checkpoint) or "root" (a directory
+    of them; the newest that verifies is used). Raises a one-line error naming the path and the
+    first architecture key that differs. Run before any worker starts (train/__main__.py) and
+    again by each rank."""
+    from model.hf_reader import SAME, check_compatible, is_hf_folder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"checkpoint.init_from={path}: no such folder")
+    if is_hf_folder(path):
+        check_compatible(path, model)
+        return "hf"
+    if (path / ckpt.MANIFEST).exists():
+        ckpt.read_manifest(path)
+        saved = ckpt.read_trainer_state(path).get("model", {})
+        diff = ckpt.first_difference({k: saved.get(k) for k in SAME},
+                                     {k: v for k, v in asdict(model).items() if k in SAME})
+        if diff:
+            raise ConfigError(f"checkpoint.init_from={path}: incompatible model: model.{diff}")
+        return "checkpoint"
+    newest = ckpt.complete_checkpoints(path)
+    if newest:
+        init_source(newest[-1], model)
+        return "root"
+    raise ckpt.CheckpointError(f"checkpoint.init_from={path}: neither a Hugging Face folder "
+                               "(config.json) nor a moeforge checkpoint (manifest.json)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -134,10 +164,10 @@ class CheckpointManager:
     def _write_own(self, tmp: Path, frags: list, rng: dict) -> tuple[str, list, dict]:
         """This rank's state and RNG files, fsynced; (state file name, index rows, file records)."""
         state_file = tmp / f"state-{self.rank:05d}.safetensors"
-        rows = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
+        rows, record = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
         rng_file = tmp / f"rank-{self.rank:05d}.json"
         write_file_synced(rng_file, json.dumps(rng).encode())
-        return state_file.name, rows, dict(ckpt.file_record(f) for f in (state_file, rng_file))
+        return state_file.name, rows, {state_file.name: record, **dict([ckpt.file_record(rng_file)])}
 
     def _commit(self, tmp: Path, final: Path, name: str, step: int, gathered: list, trainer: dict) -> None:
         """Rank 0: index, trainer.json, manifest, rename into place, pointer, retention."""
@@ -319,29 +349,21 @@ class CheckpointManager:
     def init_weights(self, path: Path) -> Path:
         """The weights of a Hugging Face folder or a moeforge checkpoint, nothing else: each rank
         reads only the ranges it holds (parallel/state.py `restore`; model/hf_reader.py)."""
-        from model.hf_reader import SAME, HFRangeReader, is_hf_folder
+        from model.hf_reader import HFRangeReader
 
         gather = self._gather if self.world > 1 else None
-        if not path.is_dir():
-            raise ckpt.CheckpointError(f"checkpoint.init_from={path}: no such folder")
-        if is_hf_folder(path):
+        kind = init_source(path, self.cfg.model)
+        if kind == "hf":
             reader = HFRangeReader(path, self.cfg.model)
         else:
-            if not (path / ckpt.MANIFEST).exists() and ckpt.complete_checkpoints(path):
+            if kind == "root":
                 chosen = ckpt.select(path, self.rank, self.world, gather)
                 if chosen is None:
                     raise ckpt.CheckpointError(f"checkpoint.init_from={path}: no checkpoint in it verifies")
                 path = chosen
-            elif not (path / ckpt.MANIFEST).exists():
-                raise ckpt.CheckpointError(f"checkpoint.init_from={path}: neither a Hugging Face folder "
-                                           "(config.json) nor a moeforge checkpoint (manifest.json)")
+                init_source(path, self.cfg.model)
             else:
                 ckpt.verify(path, self.rank, self.world, gather)
-            saved = ckpt.read_trainer_state(path).get("model", {})
-            diff = ckpt.first_difference({k: saved.get(k) for k in SAME},
-                                         {k: v for k, v in asdict(self.cfg.model).items() if k in SAME})
-            if diff:
-                raise ConfigError(f"checkpoint.init_from={path}: incompatible model: model.{diff}")
             reader = pstate.Reader(path)
         self.steps.load_state_dict(self.steps.state_dict(), pstate.WeightsOnly(reader))
         if self.rank == 0:

@@ -134,7 +134,8 @@ class StepModule:
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
             device_type=self.device.type, extra=cfg.parallel.deepspeed)
         groups = param_groups(self.model, cfg.optim.weight_decay)
-        self.engine, self.optimizer = ds_engine.initialize(self._engine_module(), groups, ds_cfg)
+        self.engine, self.optimizer = ds_engine.initialize(self._engine_module(), groups, ds_cfg,
+                                                           t.startup_timeout_s)
         self.grad_accum = grad_accum
         self.hooks = ds_hooks.Hooks(self.engine)
         if ds_cfg["zero_optimization"]["stage"] == 0:

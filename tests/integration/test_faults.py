@@ -254,6 +254,25 @@ def test_resume_with_another_model_names_the_first_differing_field(dataset, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_is_checked_before_any_worker_starts(dataset, tmp_path):
+    """A wrong checkpoint.init_from is one line before the run directory exists: a missing folder,
+    a folder that is neither kind, a checkpoint (or a directory of them) of another model."""
+    from dataclasses import asdict
+
+    from train.config import compose, to_config
+
+    model = asdict(to_config(compose([f"data.path={dataset}"])).model)
+    (tmp_path / "empty").mkdir()
+    fake_checkpoint(tmp_path / "other", {**model, "dim": 96})
+    for source, needles in ((tmp_path / "nope", ("no such folder",)),
+                            (tmp_path / "empty", ("neither a Hugging Face folder",)),
+                            (tmp_path / "other" / "step-00000002", ("incompatible model: model.dim",)),
+                            (tmp_path / "other", ("step-00000002: incompatible model: model.dim",))):
+        r = train([f"data.path={dataset}", *TINY, f"checkpoint.init_from={source}"], tmp_path / "run")
+        assert_user_error(r, "checkpoint.init_from=", *needles)
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_resume_from_a_corrupted_checkpoint_names_the_file_and_overwrites_nothing(skipped_run, tmp_path):
     work, args = skipped_run

@@ -97,6 +97,29 @@ def test_stale_lock_is_named_and_ends_the_process(tmp_path, dataset):
     print(f"stale lock reported in {elapsed:.1f} s: {line}")
 
 
+def test_lock_wait_inside_deepspeed_initialize_is_named(tmp_path, dataset):
+    """On GPU `deepspeed.initialize` JIT-builds the fused Adam op behind the same kind of lock; the
+    watchdog also guards it (parallel/engine.py `initialize`). The child's deepspeed.initialize
+    first waits on a planted 2 h old `fused_adam/lock` through torch's own `FileBaton.wait`, as
+    DeepSpeed's builder does when a killed build left the lock."""
+    lock = tmp_path / "ext" / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    past = time.time() - 2 * 3600
+    os.utime(lock, (past, past))
+    child = ("import runpy, sys, deepspeed; from torch.utils.file_baton import FileBaton; real = deepspeed.initialize\n"
+             "def initialize(*a, **k):\n"
+             f"    FileBaton({str(lock)!r}).wait()\n"
+             "    return real(*a, **k)\n"
+             "deepspeed.initialize = initialize\n"
+             "sys.argv = ['train', *sys.argv[1:]]; runpy.run_module('train', run_name='__main__', alter_sys=True)")
+    r, elapsed = _run([sys.executable, "-c", child, f"data.path={dataset}", *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+                      _env(tmp_path))
+    line = _one_error_line(r)
+    assert f"waiting for the torch-extensions lock {lock} (2.0 h old)" in line, line
+    print(f"lock inside deepspeed.initialize reported in {elapsed:.1f} s: {line}")
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_rendezvous_whose_peer_never_comes(rank, tmp_path, dataset):
     """One rank of two started alone: rank 0 hosts the store and waits for rank 1; rank 1 cannot

@@ -119,7 +119,7 @@ def write_state(tmp_path, frags_per_rank, shapes):
     files = {}
     for r, frags in enumerate(frags_per_rank):
         name = f"state-{r:05d}.safetensors"
-        files[name] = pstate.write_rank_file(tmp_path / name, frags)
+        files[name], _ = pstate.write_rank_file(tmp_path / name, frags)
     pstate.write_index(tmp_path / pstate.INDEX, shapes, files)
     return pstate.Reader(tmp_path)
 
@@ -169,3 +169,21 @@ def test_rng_states_round_trip_through_json():
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_streamed_rank_file_is_byte_identical_to_safetensors_and_hashed_inline(tmp_path):
+    """write_rank_file streams tensors without serialising the file in memory: its bytes equal
+    safetensors' own writer's, and the record's SHA-256 and size are the file's."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    frags = [("param", "b.w", 0, torch.randn(7, generator=g)),
+             ("exp_avg", "a", 3, torch.randn(5, 3, generator=g).reshape(-1)),
+             ("param", "a.x", 0, torch.randn(130, generator=g).to(torch.bfloat16))]
+    rows, record = pstate.write_rank_file(tmp_path / "s.safetensors", frags)
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert data == save({f"{k}:{n}:{s}": t.float().reshape(-1).contiguous() for k, n, s, t in frags})
+    assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert rows == [[k, n, s, t.numel()] for k, n, s, t in frags]

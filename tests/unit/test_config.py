@@ -82,6 +82,8 @@ def test_from_dict_rejects_unknown_keys():
     ("trainer.spike.action", "off, skip, rollback"),
     ("parallel.partition", "parameters, flops, uniform"),
     ("model.score_func", "softmax, sigmoid"),
+    ("fp8.recipe", "auto, blockwise, tensorwise, rowwise, current, delayed, mxfp8, grad_blocks, e5m2_forward, "
+                   "amax_floor"),
 ])
 def test_a_value_outside_a_closed_set_is_one_line_naming_the_key_and_the_choices(key, allowed):
     with pytest.raises(ConfigError) as info:
@@ -106,7 +108,7 @@ def test_choices_are_their_strings_through_asdict_and_json():
                 yield f"{prefix}{f.name}"
 
     keys = list(choice_keys(Config))
-    assert len(keys) == 6, keys
+    assert len(keys) == 7, keys
     for key in keys:
         choice = choice_type(key)
         assert [m.name for m in choice] == [m.value for m in choice], key  # OmegaConf looks names up

@@ -56,7 +56,7 @@ def write_checkpoint(path: Path, model: Transformer, data: dict | None) -> Path:
     """A one-rank moeforge checkpoint of `model` (what train/checkpoint.py writes, minus optimizer state)."""
     path.mkdir(parents=True)
     frags, shapes = pstate.fragments(model, SimpleNamespace(state={}), model.cfg.n_routed_experts, True, True)
-    rows = pstate.write_rank_file(path / "state-00000.safetensors", frags)
+    rows, _ = pstate.write_rank_file(path / "state-00000.safetensors", frags)
     pstate.write_index(path / pstate.INDEX, shapes, {"state-00000.safetensors": rows})
     trainer = {"model": asdict(model.cfg), "config": {"data": data} if data is not None else {}}
     (path / "trainer.json").write_text(json.dumps(trainer))
