@@ -170,10 +170,11 @@ class Experts(nn.Module):
 
             self.te = te.GroupedExperts(n_experts, dim, inter_dim, p.recipe)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, D) sorted by expert, counts (E,) tokens per expert → (M, D)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None) -> torch.Tensor:
+        """x (M, D) sorted by expert, counts (E,) tokens per expert → (M, D). `qx`: x already
+        quantised for the first GEMMs (FP8 dispatch, parallel/a2a.py), used as it is."""
         if self.fp8 is not None or self.te is not None:
-            return self._fp8_forward(x, counts)
+            return self._fp8_forward(x, counts, qx)
         if grouped_mm_supported(x.device.type, x.dtype) and x.size(0) > 0:
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
@@ -181,26 +182,28 @@ class Experts(nn.Module):
             return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
         return _SegmentedSwiGLU.apply(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist())
 
-    def _fp8_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _fp8_forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None) -> torch.Tensor:
         """FP8 experts: one grouped FP8 GEMM per projection over all experts (model/fp8/grouped.py),
         equal to running the single FP8 linear expert by expert."""
         if self.te is not None:
             return self.te(x, counts.tolist(), self.w1, self.w2, self.w3)
-        return grouped_fp8_swiglu(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist(), self.fp8)
+        args = (x.contiguous(), self.w1, self.w2, self.w3, counts.tolist(), self.fp8)
+        return grouped_fp8_swiglu(*args) if qx is None else grouped_fp8_swiglu(*args, qx)
 
 
 class LocalDispatcher:
     """Single-device dispatch: sort token copies by expert, run experts, un-sort, combine."""
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
+                 experts: Experts, shared: nn.Module | None = None) -> torch.Tensor:
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,) expert id of each token copy
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=experts.n_experts)
         out = experts(x[order // K], counts)  # (N*K, D) in expert order
         out = torch.zeros_like(out).index_copy(0, order, out)  # back to (token, k) order
-        return (out.view(N, K, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+        y = (out.view(N, K, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+        return y if shared is None else y + shared(x)
 
 
 class _InjectGrad(torch.autograd.Function):
@@ -254,9 +257,9 @@ class MoE(nn.Module):
         if self.training and (self.count_when_grad or not torch.is_grad_enabled()):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
-        y = self.dispatcher(x_flat, indices, weights, self.experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x_flat)
+        # Routed plus shared experts: the all-to-all dispatcher may compute the shared ones while
+        # its exchange is in flight (parallel/expert.py).
+        y = self.dispatcher(x_flat, indices, weights, self.experts, self.shared_experts)
         y = y.view(B, T, D)
         if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
             aux = self.sequence_balance_loss(scores, indices, B, T)

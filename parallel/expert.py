@@ -23,119 +23,253 @@ No token is dropped and there is no capacity factor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from model.moe import Experts, moe_layers
 
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group):
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad.contiguous(), ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+from .a2a import LinkModel, Peers, Traffic, Transfer, land, launch
 
 
-def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    if x.requires_grad:
-        return _AllToAll.apply(x, send_splits, recv_splits, group)
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-    return out
+def _pairs(dest: torch.Tensor, n_dest: int):
+    """dest (N, K) destination of each choice (-1: none) → (pair_dest, pair_row, on): one pair per
+    (destination, row) holding at least one choice, destination-major, and on (P, K) marking the
+    row's choices that go to the pair's destination."""
+    N, K = dest.shape
+    hits = torch.zeros(n_dest, N, dtype=torch.bool, device=dest.device)
+    valid = dest >= 0
+    rows = torch.arange(N, device=dest.device).unsqueeze(1).expand(N, K)
+    hits[dest[valid], rows[valid]] = True
+    pair_dest, pair_row = hits.nonzero(as_tuple=True)
+    on = dest[pair_row] == pair_dest.unsqueeze(1)
+    return pair_dest, pair_row, on
 
 
 @dataclass
 class DispatchStats:
-    """Bytes moved by the dispatcher on this rank since the last reset (both directions)."""
+    """Bytes moved by the dispatcher on this rank since the last reset (forward; backward mirrors it).
+
+    `traffic` counts what the exchanges sent, per link; the routing minima are counted from the
+    routing alone (ignoring how the exchanges are built), so a dispatcher that sends more than
+    the routing requires shows a ratio above 1."""
 
     tokens: int = 0  # tokens routed from this rank
-    pairs: int = 0  # (token, destination rank) pairs = token rows sent, incl. to this rank itself
-    remote_pairs: int = 0  # pairs whose destination is another rank
-    payload_bytes: int = 0  # hidden-state rows sent to other ranks, dispatch + combine
-    metadata_bytes: int = 0  # expert ids and gate weights sent to other ranks, plus counts
-    min_payload_bytes: int = 0  # the routing minimum: one row per (token, remote rank), each way
-    per_expert_bytes: int = 0  # what a one-copy-per-(token, expert) dispatcher would send
+    traffic: Traffic = field(default_factory=Traffic)
+    min_inter_rows: int = 0  # one row per (token, remote node), each way
+    min_intra_rows: int = 0  # one row per (token, rank on a node other than the row's holder there), each way
+    min_flat_rows: int = 0  # one row per (token, remote rank), each way: the one-level minimum
+    per_expert_rows: int = 0  # what a one-copy-per-(token, expert) dispatcher sends, each way
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.traffic.inter_bytes + self.traffic.intra_bytes
 
     def reset(self) -> None:
-        self.__init__()
+        traffic = self.traffic
+        traffic.reset()
+        self.__init__(traffic=traffic)  # the exchanges keep counting into the same object
 
 
 class AllToAllDispatcher:
     """Dispatch across the expert-parallel group; experts hold E / ep local experts.
 
-    `account` (benchmarks and tests) adds every call's bytes to `stats`; it reads device
-    tensors on the host, so it stays off in training.
+    Node-aware when the group spans several nodes (`per_node` ep ranks each): a token's row goes
+    once to each other node holding one of its experts — to the rank with this rank's local
+    index there, as DeepEP's internode kernels route over the RDMA rail — which forwards it
+    inside its node to the ranks that hold the experts; the combine sums a node's partial
+    outputs at that rank before they cross back. Inside one node: one level, as before.
+
+    Options (`configure_dispatch`): `overlap` starts every exchange asynchronously and computes
+    the shared experts while the dispatch is in flight; `chunks` = 2 runs the layer's tokens as
+    two halves whose exchanges overlap the other half's experts; `fp8` sends the dispatched rows
+    as E4M3 (`Experts.fp8`'s row-local activation quantisation). `account` (benchmarks and tests)
+    counts bytes in `stats`; it reads device tensors on the host, so it stays off in training.
     """
 
-    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, account: bool = False):
-        self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
+    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, account: bool = False,
+                 per_node: int | None = None):
         self.n_experts = n_experts
         self.n_local = n_experts // ep_size
-        self.account = account
+        self.peers = Peers(group, ep_size, ep_rank, per_node or ep_size)
+        self.overlap, self.chunks, self.fp8 = False, 1, False
         self.stats = DispatchStats()
+        self.account = account
         self.last_recv_rows, self.last_expert_counts = 0, None  # host int and device tensor: no sync
 
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
-        N, K = indices.shape
-        D = x.size(1)
-        E_l, R = self.n_local, self.ep_size
-        dest = indices // E_l  # (N, K) rank holding each chosen expert
-        # 1. One row per (rank, token) pair, rank-major; the top-k metadata restricted to that rank.
-        hits = torch.zeros(R, N, dtype=torch.bool, device=x.device)
-        hits[dest.t().flatten(), torch.arange(N, device=x.device).repeat(K)] = True
-        pair_rank, pair_token = hits.nonzero(as_tuple=True)
-        send_counts = torch.bincount(pair_rank, minlength=R)
-        on_rank = dest[pair_token] == pair_rank.unsqueeze(1)  # (P, K)
-        local_ids = torch.where(on_rank, indices[pair_token] - pair_rank.unsqueeze(1) * E_l, -1)
-        local_w = torch.where(on_rank, weights[pair_token], weights.new_zeros(()))
-        # 2. Exchange counts, then rows and metadata.
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = torch.stack([send_counts, recv_counts]).tolist()  # one device → host read
-        rows = all_to_all(x[pair_token], send, recv, self.group)
-        r_ids = all_to_all(local_ids, send, recv, self.group)
-        r_w = all_to_all(local_w, send, recv, self.group)
+    @property
+    def ep_size(self) -> int:
+        return self.peers.size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.peers.rank
+
+    @property
+    def account(self) -> bool:
+        return self.peers.traffic is not None
+
+    @account.setter
+    def account(self, on: bool) -> None:
+        self.peers.traffic = self.stats.traffic if on else None
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: Experts,
+                 shared: nn.Module | None = None) -> torch.Tensor:
+        """Routed experts' output (N, D) for this rank's tokens, plus `shared(x)` when given."""
+        if self.account:
+            self._account(indices)
+        spec = self._fp8_spec(experts)
+        self.last_recv_rows, self.last_expert_counts = 0, 0
+        n = x.size(0)
+        chunks = self.chunks if n >= self.chunks else 1
+        bounds = [n * c // chunks for c in range(chunks + 1)]
+        outs: list = [None] * chunks
+        steps = [self._chunk(x[a:b], indices[a:b], weights[a:b], experts, spec, outs, c)
+                 for c, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        shared_out = None
+        if self.overlap or chunks > 1:
+            for step in steps:
+                next(step)  # every chunk's first exchange is in flight
+            if shared is not None:
+                shared_out = shared(x)  # while the dispatch moves
+            pending = steps
+            while pending:
+                pending = [s for s in pending if next(s, StopIteration) is not StopIteration]
+        else:
+            for step in steps:
+                for _ in step:  # synchronous: each exchange is waited for at once
+                    pass
+        y = outs[0] if chunks == 1 else torch.cat(outs)
+        if shared is not None:
+            y = y + (shared(x) if shared_out is None else shared_out)
+        return y
+
+    def _fp8_spec(self, experts: Experts):
+        """The experts' FP8 spec when the dispatched rows may travel as E4M3: a row-local
+        activation quantisation (1×128 tiles or rows) commutes with the exchange."""
+        spec = getattr(experts, "fp8", None)
+        if not self.fp8 or spec is None:
+            return None
+        from model.fp8.gemm import RECIPES
+
+        return spec if RECIPES[spec.recipe][0][0] in ("tile", "row") else None
+
+    def _chunk(self, x, indices, weights, experts, spec, outs, slot):
+        """One chunk's dispatch → experts → combine; yields after each exchange it starts."""
+        peers, E_l = self.peers, self.n_local
+        qx = None
+        if spec is not None:
+            from model.fp8.gemm import RECIPES, quant_along_columns
+
+            qx = quant_along_columns(x, RECIPES[spec.recipe][0][0], [x.size(0)], spec)  # once per token
+        hop = None
+        rows, ids, w = x, indices, weights
+        if peers.n_nodes > 1:
+            # 1. Inter-node: one row per (token, node holding its experts), to the rail peer there.
+            dest_rank = indices // E_l
+            node = dest_rank // peers.per_node
+            pair_node, pair_tok, on = _pairs(node, peers.n_nodes)
+            relay = pair_node * peers.per_node + peers.local
+            send, recv = peers.split_counts(torch.bincount(relay, minlength=peers.size))
+            hop = Transfer(peers, send, recv, "dispatch")
+            ids1 = torch.where(on, indices[pair_tok], -1)
+            w1 = torch.where(on, weights[pair_tok], weights.new_zeros(()))
+            token = launch(hop, (x[pair_tok], ids1, w1), _take(qx, pair_tok))
+            yield
+            rows, ids, w = land(token, hop)
+            qx = hop.qx
+        # 2. Inside the node (or the whole group): one row per (row, rank holding its experts).
+        dest = torch.where(ids >= 0, ids // E_l, -1)
+        pair_rank, pair_row, on = _pairs(dest, peers.size)
+        send, recv = peers.split_counts(torch.bincount(pair_rank, minlength=peers.size))
+        fan = Transfer(peers, send, recv, "dispatch")
+        local_ids = torch.where(on, ids[pair_row] - pair_rank.unsqueeze(1) * E_l, -1)
+        local_w = torch.where(on, w[pair_row], w.new_zeros(()))
+        token = launch(fan, (rows[pair_row], local_ids, local_w), _take(qx, pair_row))
+        yield
+        r_rows, r_ids, r_w = land(token, fan)
         # 3. Local experts over (row, expert) copies, gate-weighted, summed per row.
         copy_row, copy_k = (r_ids >= 0).nonzero(as_tuple=True)
         copy_expert = r_ids[copy_row, copy_k]
         order = copy_expert.argsort(stable=True)
         counts = torch.bincount(copy_expert, minlength=E_l)
-        self.last_recv_rows, self.last_expert_counts = rows.size(0), counts  # for tests
-        y = experts(rows[copy_row[order]], counts)  # (C, D) in expert order
-        y = y * r_w[copy_row[order], copy_k[order]].unsqueeze(1).to(y.dtype)
-        partial = y.new_zeros(rows.size(0), D).index_add(0, copy_row[order], y)
-        # 4. Back to the senders; each token sums its ranks' partial outputs.
-        back = all_to_all(partial, recv, send, self.group)
-        if self.account:
-            self._account(N, K, D, x.element_size(), weights.element_size(), send, dest)
-        return x.new_zeros(N, D).index_add(0, pair_token, back.to(x.dtype))
+        self.last_recv_rows += r_rows.size(0)  # for tests: summed over the chunks of a call
+        self.last_expert_counts = counts + self.last_expert_counts
+        src = copy_row[order]
+        if fan.qx is None:
+            y = experts(r_rows[src], counts)  # (C, D) in expert order
+        else:  # the first GEMMs take the dispatched E4M3 rows as they are
+            y = experts(r_rows[src], counts, qx=_take(fan.qx, src))
+        y = y * r_w[src, copy_k[order]].unsqueeze(1).to(y.dtype)
+        partial = y.new_zeros(r_rows.size(0), y.size(1)).index_add(0, src, y)
+        # 4. Back: to the row's holder on this node, summed there, then across to the token's rank.
+        back = Transfer(peers, recv, send, "combine")
+        token = launch(back, (partial,))
+        yield
+        (got,) = land(token, back)
+        summed = got.new_zeros(rows.size(0), got.size(1)).index_add(0, pair_row, got)
+        if hop is not None:
+            home = Transfer(peers, hop.recv, hop.send, "combine")
+            token = launch(home, (summed,))
+            yield
+            (got,) = land(token, home)
+            summed = got.new_zeros(x.size(0), got.size(1)).index_add(0, pair_tok, got)
+        outs[slot] = summed.to(x.dtype)
 
-    def _account(self, N, K, D, elem, w_elem, send, dest) -> None:
-        s = self.stats
-        remote = sum(c for r, c in enumerate(send) if r != self.ep_rank)
+    def _account(self, indices: torch.Tensor) -> None:
+        """The routing minima of this call, from the routing alone."""
+        s, peers = self.stats, self.peers
+        N = indices.size(0)
+        dest = indices // self.n_local
+        ranks = torch.zeros(N, peers.size, dtype=torch.bool, device=indices.device).scatter_(1, dest, True)
+        by_node = ranks.view(N, peers.n_nodes, peers.per_node)
+        nodes = by_node.any(dim=2)
+        # The row's holder on each node: this rank on its own node, the rail peer elsewhere.
+        holder = by_node[:, :, peers.local]
         s.tokens += N
-        s.pairs += sum(send)
-        s.remote_pairs += remote
-        s.payload_bytes += 2 * remote * D * elem  # rows out, partial sums back
-        s.metadata_bytes += remote * K * (8 + w_elem) + 2 * self.ep_size * 8
-        # Minimum implied by the routing, counted independently of the pairs built above.
-        remote_ranks = torch.zeros(N, self.ep_size, dtype=torch.bool, device=dest.device)
-        remote_ranks.scatter_(1, dest, True)
-        remote_ranks[:, self.ep_rank] = False
-        s.min_payload_bytes += 2 * int(remote_ranks.sum()) * D * elem
-        s.per_expert_bytes += 2 * int((dest != self.ep_rank).sum()) * D * elem
+        s.min_inter_rows += 2 * (int(nodes.sum()) - int(nodes[:, peers.node].sum()))
+        s.min_intra_rows += 2 * (int(by_node.sum()) - int(holder.sum()))
+        s.min_flat_rows += 2 * (int(ranks.sum()) - int(ranks[:, peers.rank].sum()))
+        s.per_expert_rows += 2 * int((dest != peers.rank).sum())
+
+
+def _take(qx, index: torch.Tensor):
+    """The Quantised rows `index` of qx (None stays None)."""
+    if qx is None:
+        return None
+    from model.fp8.gemm import Quantised
+
+    return Quantised(qx.q[index], qx.scale[index], qx.granularity, qx.block)
+
+
+def ranks_per_node(ep_members: list[int], local_world: int) -> int:
+    """EP ranks per node from the launch: torchrun puts ranks [k·L, (k+1)·L) on node k (L =
+    LOCAL_WORLD_SIZE). Node-aware only when the group's ranks sit evenly on their nodes, in
+    order; otherwise one level (always correct, never node-aware)."""
+    nodes = [r // max(local_world, 1) for r in ep_members]
+    per = {n: nodes.count(n) for n in nodes}
+    if len(set(per.values())) == 1 and nodes == sorted(nodes):
+        return next(iter(per.values()))
+    return len(ep_members)
+
+
+def configure_dispatch(model: nn.Module, *, per_node: int = 0, overlap: bool = False, chunks: int = 1,
+                       fp8: bool = False, link: LinkModel | None = None) -> list[AllToAllDispatcher]:
+    """Set the dispatch options of every all-to-all dispatcher in `model` (parallel.* keys);
+    `link` simulates a slow inter-node link (tests and benchmarks only)."""
+    found = []
+    for m in moe_layers(model):
+        d = m.dispatcher
+        if isinstance(d, AllToAllDispatcher):
+            counting = d.account
+            if per_node:
+                d.peers = Peers(d.peers.group, d.ep_size, d.ep_rank, per_node)
+            d.peers.link = link
+            d.overlap, d.chunks, d.fp8 = overlap, chunks, fp8
+            d.account = counting
+            found.append(d)
+    return found
 
 
 # ------------------------------------------------------------------ model transforms
@@ -206,7 +340,7 @@ def enable_dispatch_stats(model: nn.Module) -> list[DispatchStats]:
     stats = []
     for m in moe_layers(model):
         if isinstance(m.dispatcher, AllToAllDispatcher):
-            m.dispatcher.account = True
             m.dispatcher.stats.reset()
+            m.dispatcher.account = True
             stats.append(m.dispatcher.stats)
     return stats

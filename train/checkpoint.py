@@ -116,6 +116,7 @@ class CheckpointManager:
         self.resumed_from: Path | None = None
         self.async_save = bool(getattr(cfg.checkpoint, "async_save", False))
         self._inflight: threading.Thread | None = None
+        self._code: dict | None = None
         self._error: BaseException | None = None
         self._abort = threading.Event()
         self._host: dict[tuple, torch.Tensor] = {}  # snapshot buffers, reused across saves
@@ -137,16 +138,23 @@ class CheckpointManager:
         return self.layout.dp_rank_of(self.rank) == 0, self.layout.edp_ranks(self.rank)[0] == self.rank
 
     # ------------------------------------------------------------------ save
-    def trainer_state(self, code: bool = True) -> dict:
-        """The flat trainer.json; `code=False` leaves the git state (subprocesses) for later."""
+    def code_state(self) -> dict:
+        """The git state of the code this process runs, read once (git subprocesses cost ~10 ms a
+        save, and the running code does not change with the files after it was imported)."""
         from . import provenance
 
+        if self._code is None:
+            self._code = provenance.git_state()
+        return self._code
+
+    def trainer_state(self, code: bool = True) -> dict:
+        """The flat trainer.json; `code=False` leaves the git state (subprocesses) for later."""
         L = self.layout
         return {"format_version": ckpt.FORMAT_VERSION, **self.progress.state_dict(), **self.steps.state_dict(),
                 "spike": self.spike.state_dict(), "loader": self.loader.state_dict(),
                 "layout": {"world": L.world, "pp": L.pp, "dp": L.dp, "ep": L.ep},
                 "model": asdict(self.cfg.model), "config": asdict(self.cfg),
-                "code": provenance.git_state() if code else None,
+                "code": self.code_state() if code else None,
                 "time": time.time()}
 
     def _paths(self) -> tuple[Path, Path, str]:
@@ -264,10 +272,8 @@ class CheckpointManager:
             os.replace(part, record)  # rank 0 never reads a partial record
             self.faults.crash_point("shards")
             if self.rank == 0:
-                from . import provenance
-
                 gathered = self._collect(tmp)
-                trainer["code"] = provenance.git_state()  # git subprocesses: off the training thread
+                trainer["code"] = self.code_state()  # git subprocesses (the first time): off the training thread
                 self._commit(tmp, final, name, step, gathered, trainer)
         except BaseException as exc:  # re-raised on the training thread by wait()
             self._error = exc

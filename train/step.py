@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from parallel import ds_hooks
 from parallel import engine as ds_engine
 from parallel import state as pstate
 from parallel.build import build_model
-from parallel.expert import mark_for_deepspeed
+from parallel.expert import configure_dispatch, mark_for_deepspeed, ranks_per_node
 from parallel.pipeline import BlockPipe, build_pipeline
 from parallel.topology import Groups
 
@@ -118,12 +119,23 @@ class StepModule:
         """Set model and loss; return the transformer blocks (compiled when asked)."""
         raise NotImplementedError
 
+    def _configure_dispatch(self) -> None:
+        """The expert dispatch options (parallel.ep_ranks_per_node, moe_overlap, moe_chunks, fp8_dispatch)."""
+        p = self.cfg.parallel
+        if p.ep == 1:
+            return
+        per_node = p.ep_ranks_per_node or ranks_per_node(
+            self.layout.ep_ranks(self.groups.rank), int(os.environ.get("LOCAL_WORLD_SIZE", self.layout.world)))
+        configure_dispatch(self.model, per_node=per_node, overlap=p.moe_overlap, chunks=p.moe_chunks,
+                           fp8=p.fp8_dispatch)
+
     def build(self, grad_accum: int) -> None:
         cfg, t, layout = self.cfg, self.cfg.trainer, self.layout
         with precision(cfg.fp8.precision()):  # the Linear factory builds FP8 modules when asked
             blocks = self._build_model()
         for moe in moe_layers(self.model):
             moe.balance_alpha = t.balance_alpha
+        self._configure_dispatch()
         if t.compile:
             for block in blocks:
                 block.compile()

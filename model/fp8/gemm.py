@@ -270,7 +270,7 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
     """x (M, K), w (E, N, K), sizes → (M, N); all three GEMMs on E4M3 operands, per segment."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec, qx: Quantised | None = None):
         ctx.save_for_backward(x, w)
         ctx.sizes, ctx.spec = sizes, spec
         if x.size(0) == 0:  # an expert-parallel rank that received no rows
@@ -287,14 +287,15 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
         qw = quant_weights(w, gw, spec)
         # The data gradient reuses the weight's blocks / tensor scales, transposed (see above).
         ctx.qw = qw if g_w == gw and gw in ("block", "tensor") else None
-        return _segment_mm(quant_along_columns(x, gx, sizes, spec), qw, sizes, spec, x.dtype, (x.size(0), w.size(1)))
+        qa = qx if qx is not None else quant_along_columns(x, gx, sizes, spec)  # qx: FP8 dispatch (parallel/a2a.py)
+        return _segment_mm(qa, qw, sizes, spec, x.dtype, (x.size(0), w.size(1)))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
         sizes, spec = ctx.sizes, ctx.spec
         if x.size(0) == 0:
-            return torch.zeros_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device), None, None
+            return torch.zeros_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device), None, None, None
         _, (g_dy, g_w), (g_dyt, g_xt) = RECIPES[spec.recipe]
         dy = dy.contiguous()
         dx = dw = None
@@ -305,12 +306,14 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
             dw = _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
                                 sizes, spec, w)
         ctx.qw = None
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
-def grouped_fp8_linear(x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec) -> torch.Tensor:
-    """x (M, K) in segments of `sizes` rows, w (E, N, K) → (M, N): segment e times w[e]ᵀ."""
-    return _Fp8GroupedLinearFn.apply(x, w, sizes, spec)
+def grouped_fp8_linear(x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec,
+                       qx: Quantised | None = None) -> torch.Tensor:
+    """x (M, K) in segments of `sizes` rows, w (E, N, K) → (M, N): segment e times w[e]ᵀ.
+    `qx`: x already quantised along K as the recipe's forward does it (FP8 dispatch)."""
+    return _Fp8GroupedLinearFn.apply(x, w, sizes, spec, qx)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:

@@ -17,8 +17,9 @@ from .gemm import Fp8Spec, grouped_fp8_linear
 
 
 def grouped_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                       sizes: list[int], spec: Fp8Spec) -> torch.Tensor:
-    """x (M, D) in expert segments of `sizes` rows; w1, w3 (E, F, D), w2 (E, D, F) → (M, D)."""
-    h = F.silu(grouped_fp8_linear(x, w1, sizes, spec)) * grouped_fp8_linear(x, w3, sizes, spec)  # (M, F)
+                       sizes: list[int], spec: Fp8Spec, qx=None) -> torch.Tensor:
+    """x (M, D) in expert segments of `sizes` rows; w1, w3 (E, F, D), w2 (E, D, F) → (M, D).
+    `qx`: x as already quantised for the forward GEMMs (FP8 dispatch), used without re-quantising."""
+    h = F.silu(grouped_fp8_linear(x, w1, sizes, spec, qx)) * grouped_fp8_linear(x, w3, sizes, spec, qx)  # (M, F)
     return grouped_fp8_linear(h, w2, sizes, spec)
 

@@ -1,8 +1,10 @@
-"""Worker of tests/distributed/test_dispatch.py (torchrun, gloo, float64): checks, exits non-zero on failure.
+"""Worker of tests/distributed/test_dispatch.py (torchrun, gloo): checks, exits non-zero on failure.
 
-Every rank builds the same single-device MoE layer and the same global batch; the expert-
-parallel copy runs on this rank's share of the batch and is compared with the single-device
-layer on the whole batch.
+Every rank builds the same single-device MoE layer (or model) and the same global batch; the
+expert-parallel copy runs on this rank's share of the batch and is compared with the single-
+device one on the whole batch. Each check runs under every dispatch variant: one level or
+node-aware (the group split into 2 simulated nodes), synchronous, shared-expert overlap,
+two chunks, both.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import torch.distributed as dist  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.moe import MoE  # noqa: E402
-from parallel.expert import AllToAllDispatcher, shard_experts  # noqa: E402
+from model.linear import Precision, precision  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+from parallel.expert import AllToAllDispatcher, configure_dispatch, shard_experts  # noqa: E402
+
+MODES = {"sync": {}, "overlap": dict(overlap=True), "chunks": dict(chunks=2), "both": dict(overlap=True, chunks=2)}
 
 CFG = dict(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=0, n_heads=2,
            n_routed_experts=8, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
@@ -33,7 +39,7 @@ class Identity(torch.nn.Module):
         return rows
 
 
-def make_layers(world: int, rank: int, seed: int = 0):
+def make_layers(world: int, rank: int, seed: int = 0, opts: dict | None = None):
     torch.manual_seed(seed)
     cfg = ModelConfig(**CFG).validate()
     ref = MoE(cfg).double()
@@ -42,6 +48,7 @@ def make_layers(world: int, rank: int, seed: int = 0):
             p.normal_(0, 0.2)
     par = copy.deepcopy(ref)
     shard_experts(par, None, world, rank)
+    configure_dispatch(par, **(opts or {}))
     return cfg, ref, par
 
 
@@ -51,7 +58,7 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def check_round_trip(world, rank):
+def check_round_trip(world, rank, opts):
     """dispatch → identity experts → combine returns the input exactly (one-hot gate weights)."""
     E, K, N, D = 8, 4, 37 + rank * 5, 16  # uneven token counts per rank
     g = torch.Generator().manual_seed(100 + rank)
@@ -60,6 +67,10 @@ def check_round_trip(world, rank):
     weights = torch.zeros(N, K, dtype=torch.float64)
     weights[torch.arange(N), torch.randint(0, K, (N,), generator=g)] = 1.0
     d = AllToAllDispatcher(None, world, rank, E, account=True)
+    model = torch.nn.Module()
+    model.moe = MoE(ModelConfig(**CFG).validate())
+    model.moe.dispatcher = d
+    configure_dispatch(model, **opts)
     out = d(x, indices, weights, Identity())
     assert torch.equal(out, x), (out - x).abs().max()
     # Counts: rows this rank received = (token, rank) pairs aimed at it by every rank; per-expert
@@ -72,14 +83,26 @@ def check_round_trip(world, rank):
     flat = torch.cat([idx.flatten() for idx in all_idx])
     expected_counts = torch.bincount(flat, minlength=E)[rank * E_l:(rank + 1) * E_l]
     assert torch.equal(d.last_expert_counts, expected_counts)
-    # Bytes: exactly the routing minimum, less than one copy per (token, expert) would cost.
-    s = d.stats
-    assert s.payload_bytes == s.min_payload_bytes > 0
-    assert s.per_expert_bytes > s.payload_bytes
+    # Rows over all ranks (a rank sends the combine rows of other ranks' tokens): exactly the
+    # routing minima, per link; fewer than one copy per (token, expert).
+    s, t = d.stats, d.stats.traffic
+    assert t.inter_bytes + t.intra_bytes == (t.inter_rows + t.intra_rows) * D * 8
+    tot = torch.tensor([t.inter_rows, t.intra_rows, s.min_inter_rows, s.min_intra_rows, s.min_flat_rows,
+                        s.per_expert_rows])
+    dist.all_reduce(tot)
+    inter, intra, min_inter, min_intra, min_flat, per_expert = tot.tolist()
+    if d.peers.n_nodes == 1:
+        assert inter == 0 and intra == min_flat > 0, tot
+    else:
+        assert (inter, intra) == (min_inter, min_intra), tot
+        # A row crosses to a node once, not once per rank there (the same with one rank per node).
+        assert 0 < inter < min_flat if d.peers.per_node > 1 else 0 < inter == min_flat, tot
+    # One copy per (token, expert) costs more wherever a rank holds several of a token's experts.
+    assert per_expert > min_flat if E_l > 1 else per_expert == min_flat, tot
 
 
-def check_layer(world, rank, force_low: bool):
-    cfg, ref, par = make_layers(world, rank)
+def check_layer(world, rank, force_low: bool, opts: dict):
+    cfg, ref, par = make_layers(world, rank, opts=opts)
     for m in (ref, par):
         m.balance_alpha = 0.01
     # Each rank's balance loss is the mean over its own sequences; the reference's is the mean
@@ -121,9 +144,9 @@ def check_layer(world, rank, force_low: bool):
         assert holds or rank > 0
 
 
-def check_gate_gradient(world, rank):
+def check_gate_gradient(world, rank, opts):
     """Router gradient without the balance loss: summed over ranks it equals the reference's."""
-    cfg, ref, par = make_layers(world, rank, seed=1)
+    cfg, ref, par = make_layers(world, rank, seed=1, opts=opts)
     ref.balance_alpha = par.balance_alpha = 0.0
     g = torch.Generator().manual_seed(8)
     x_all = torch.randn(2 * world, 8, cfg.dim, dtype=torch.float64, generator=g)
@@ -134,14 +157,89 @@ def check_gate_gradient(world, rank):
     torch.testing.assert_close(g_par, ref.gate.weight.grad, rtol=1e-10, atol=1e-12)
 
 
+def check_model(world, rank, opts):
+    """A whole model with MTP in float32: losses and every gradient equal the one-process model's (1e-5)."""
+    cfg = ModelConfig(**{**CFG, "n_mtp_layers": 1, "n_layers": 2}).validate()
+    torch.manual_seed(3)
+    ref = Transformer(cfg)
+    ref.init_weights(3)
+    par = copy.deepcopy(ref)
+    shard_experts(par, None, world, rank)
+    configure_dispatch(par, **opts)
+    for m in (ref, par):
+        for moe in (x for x in m.modules() if isinstance(x, MoE)):
+            moe.balance_alpha = 0.0
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, cfg.vocab_size, (world, 17), generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    lr = ref.losses(inputs, labels)
+    (lr.main + 0.3 * lr.mtp).backward()
+    lp = par.losses(inputs[rank:rank + 1], labels[rank:rank + 1])
+    (lp.main + 0.3 * lp.mtp).backward()
+    got = torch.stack([lp.main.detach(), lp.mtp.detach()])
+    dist.all_reduce(got)
+    torch.testing.assert_close(got / world, torch.stack([lr.main, lr.mtp]).detach(), rtol=1e-5, atol=1e-6)
+    ref_p = dict(ref.named_parameters())
+    n = 0
+    for name, p in par.named_parameters():
+        want = ref_p[name].grad
+        if ".experts.w" in name:  # this rank's slice: every rank's tokens already reached it
+            E_l = p.size(0)
+            want, grad = want[rank * E_l:(rank + 1) * E_l], p.grad
+        else:  # replicated: each rank's share of the batch
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+        torch.testing.assert_close(grad / world, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        n += 1
+    assert n > 20
+
+
+def check_fp8_dispatch(world, rank, per_node):
+    """FP8 dispatch: the same expert outputs, bit for bit, as quantising after the exchange; input
+    gradients equal too; dispatched bytes (1 + 4/128) / 2 of BF16's, combine bytes unchanged."""
+    cfg = ModelConfig(**{**CFG, "dim": 256, "moe_inter_dim": 128}).validate()
+    torch.manual_seed(5)
+    with precision(Precision("emulated", "blockwise")):
+        base = MoE(cfg)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.05)
+    base = base.to(torch.bfloat16)
+    base.balance_alpha = 0.0
+    runs = []
+    for fp8 in (False, True):
+        layer = copy.deepcopy(base)
+        shard_experts(layer, None, world, rank)
+        (d,) = configure_dispatch(layer, per_node=per_node, fp8=fp8)
+        d.account = True
+        x = torch.randn(2, 8, cfg.dim, generator=torch.Generator().manual_seed(20 + rank)).to(torch.bfloat16)
+        x.requires_grad_(True)
+        y = layer(x)
+        y.float().square().sum().backward()
+        runs.append((y.detach(), x.grad, layer.experts.w1.grad, d.stats.traffic))
+    (y0, g0, w0, t0), (y1, g1, w1, t1) = runs
+    assert torch.equal(y0, y1), (y0 - y1).abs().max()
+    assert torch.equal(g0, g1), (g0 - g1).abs().max()
+    # The weight gradients see the dispatched (dequantised) rows instead of the originals: close, not equal.
+    torch.testing.assert_close(w1, w0, rtol=0.1, atol=0.05 * float(w0.abs().max()))
+    assert t1.combine_bytes == t0.combine_bytes and t0.dispatch_bytes > 0
+    assert t1.dispatch_bytes * 2 * 256 == t0.dispatch_bytes * (256 + 4 * 2), (t1.dispatch_bytes, t0.dispatch_bytes)
+
+
 def main():
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
-    check_round_trip(world, rank)
-    check_layer(world, rank, force_low=False)
-    check_layer(world, rank, force_low=True)
-    check_gate_gradient(world, rank)
+    layouts = [world] + ([world // 2] if world >= 2 else [])  # one node; 2 simulated nodes
+    for per_node in layouts:
+        for mode, opts in MODES.items():
+            opts = {**opts, "per_node": per_node}
+            check_round_trip(world, rank, opts)
+            check_layer(world, rank, force_low=False, opts=opts)
+            check_layer(world, rank, force_low=True, opts=opts)
+            check_model(world, rank, opts)
+        check_gate_gradient(world, rank, {"per_node": per_node, "overlap": True, "chunks": 2})
+        check_fp8_dispatch(world, rank, per_node)
     dist.barrier()
     if rank == 0:
         print(f"dispatch checks passed on {world} ranks")

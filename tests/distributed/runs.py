@@ -26,6 +26,8 @@ BASE = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batc
         "trainer.deterministic=true", "checkpoint.resume=never", "logging.wandb.mode=disabled", "logging.progress_bar=false",
         "optim.lr=0.5", "optim.eps=1.0", "schedule.warmup_steps=2", "data.num_workers=0"]
 
+OVERLAP = ["parallel.moe_overlap=true", "parallel.moe_chunks=2"]
+
 # Layout → (processes, overrides). MTP on and off for the single process and the pipelines (where
 # MTP changes what the stages hold and send); MTP only elsewhere, to keep the suite short. A
 # pipeline with data parallelism (ZeRO-1 across each stage's replicas) is pp2_ep2: pp=2 × dp=2.
@@ -37,6 +39,12 @@ LAYOUTS = {
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
     "dp4_ep2": (4, ["parallel.ep=2", "parity.mtp=1"]),  # expert-data-parallel size 2: ZeRO-1 partitions the experts
     "pp2_ckpt": (2, ["parallel.pp=2", "parallel.activation_checkpoint_interval=1"]),  # DeepSpeed recompute
+    # The dispatch options on together (each alone: tests/distributed/dispatch_worker.py): the
+    # exchanges asynchronous, shared experts behind the dispatch, two chunks, and node-aware
+    # dispatch over simulated nodes (ep 2 as 2 nodes × 1 rank; ep 4 as 2 × 2).
+    "ep2_overlap": (2, ["parallel.ep=2", "parity.mtp=1", *OVERLAP, "parallel.ep_ranks_per_node=1"]),
+    "pp2_ep2_overlap": (4, ["parallel.pp=2", "parallel.ep=2", "parity.mtp=1", *OVERLAP, "parallel.ep_ranks_per_node=1"]),
+    "dp4_ep4_nodes": (4, ["parallel.ep=4", "parity.mtp=1", *OVERLAP, "parallel.ep_ranks_per_node=2"]),
 }
 
 

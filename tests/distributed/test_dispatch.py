@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2, 4, 8])
 def test_dispatcher_matches_single_device(nproc):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = 29500 + (os.getpid() + 31 * nproc) % 1000
