@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.moe import MoE  # noqa: E402
+from model.fp8 import gemm  # noqa: E402
 from model.linear import Precision, precision  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from parallel.expert import AllToAllDispatcher, configure_dispatch, shard_experts  # noqa: E402
@@ -214,10 +215,20 @@ def check_fp8_dispatch(world, rank, per_node):
         d.account = True
         x = torch.randn(2, 8, cfg.dim, generator=torch.Generator().manual_seed(20 + rank)).to(torch.bfloat16)
         x.requires_grad_(True)
-        y = layer(x)
+        calls = []
+        real = gemm.quant_along_columns
+        gemm.quant_along_columns = lambda a, *args: calls.append(a.size(0)) or real(a, *args)
+        try:
+            y = layer(x)  # forward: quantisations counted
+        finally:
+            gemm.quant_along_columns = real
         y.float().square().sum().backward()
-        runs.append((y.detach(), x.grad, layer.experts.w1.grad, d.stats.traffic))
-    (y0, g0, w0, t0), (y1, g1, w1, t1) = runs
+        runs.append((y.detach(), x.grad, layer.experts.w1.grad, d.stats.traffic, len(calls)))
+    (y0, g0, w0, t0, n0), (y1, g1, w1, t1, n1) = runs
+    # The shared expert quantises its three inputs either way. Routed, quantising after the
+    # exchange: the w1, w3 and w2 inputs; FP8 dispatch: the tokens once where they live, then only
+    # w2's input — the first GEMMs take the dispatched rows as they are.
+    assert (n0, n1) == (3 + 3, 3 + 2), (n0, n1)
     assert torch.equal(y0, y1), (y0 - y1).abs().max()
     assert torch.equal(g0, g1), (g0 - g1).abs().max()
     # The weight gradients see the dispatched (dequantised) rows instead of the originals: close, not equal.
