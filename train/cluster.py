@@ -25,8 +25,9 @@ class ClusterConfig:
     peak_fp8_tflops: float = 0.0  # dense FP8 peak; 0 = no FP8
     nvlink_gbps: float = 0.0  # GB/s per GPU per direction inside a node
     ib_gbps: float = 0.0  # GB/s per GPU per direction between nodes
-    efficiency: float = 0.5  # fraction of the peak the model's FLOPs reach (stated, not measured)
-    comm_overlap: float = 0.0  # fraction of EP/PP/DP communication hidden behind compute
+    efficiency: float = 0.5  # fraction of the peak the model's FLOPs reach (`python -m train.plan --calibrate` fits it)
+    comm_overlap: float = 0.0  # fraction of PP/DP communication hidden behind compute (EP: train/timing.py MEASURED_OVERLAP)
+    sms: int = 0  # streaming multiprocessors per GPU; 0 = unknown (no SM-reservation term)
     reserved_gib: float = 0.0  # CUDA context, NCCL buffers, allocator slack per device
     dtype: str = "bf16"  # compute precision the planner assumes: bf16 | fp32
 
@@ -41,7 +42,7 @@ class ClusterConfig:
         for key in ("gpu_memory_gib", "efficiency"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cluster.{key}={getattr(self, key)}: must be > 0")
-        for key in ("peak_bf16_tflops", "peak_fp8_tflops", "nvlink_gbps", "ib_gbps", "reserved_gib"):
+        for key in ("peak_bf16_tflops", "peak_fp8_tflops", "nvlink_gbps", "ib_gbps", "reserved_gib", "sms"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"cluster.{key}={getattr(self, key)}: must be >= 0")
         if self.efficiency > 1:

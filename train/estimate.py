@@ -29,9 +29,9 @@ tests/integration/test_plan_cli.py):
   (dp / ep), the experts themselves over ep. The ZeRO stage is the one DeepSpeed runs
   (`Layout.zero_stage`: none at dp = 1, at least 1 in bf16).
 
-Time: each stage's FLOPs per micro-batch over the cluster's peak (FP8 for the projections when
-fp8 is on, BF16 for attention, router and head) × a stated efficiency, plus the communication
-that is not overlapped; a 1F1B step is (m + pp − 1) micro-batch slots of the slowest stage.
+Time: train/timing.py, term by term (compute, MTP, recomputation, SMs held by communication,
+exposed IB and NVLink all-to-all after the measured overlap of the configured mode, PP, DP,
+the 1F1B bubble), with the efficiency `python -m train.plan --calibrate` fits on a published run.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ import math
 from dataclasses import dataclass, field
 
 from model.config import ModelConfig
-from model.flops import attention_flops_per_token, block_params, flops_per_token, param_counts
+from model.flops import block_params, flops_per_token, param_counts
 from parallel.topology import Layout
 
 from .cluster import ClusterConfig
+from .timing import (FP8_BYTES, MEASURED_OVERLAP, NCCL_OVERLAP_SMS, Schedule, Timing, overlap_mode, stage_terms,
+                     step_timing)
 
 GIB = 2**30
-FP8_BYTES = 1 + 4 / 128  # E4M3 value + one FP32 scale per 1×128 tile (DeepSeek-V3 §3.3.2)
 
 
 @dataclass
@@ -62,6 +63,11 @@ class Setup:
     fp8: bool = False
     dtype: str = "bf16"  # compute precision: bf16 | fp32
     stage_bounds: list[int] = field(default_factory=list)  # block boundaries [0, …, n_layers]
+    moe_overlap: bool = False  # parallel.moe_overlap: shared experts while the dispatch is in flight
+    moe_chunks: int = 1  # parallel.moe_chunks: 2 = two-chunk all-to-all / expert overlap
+    ep_ranks_per_node: int = 0  # parallel.ep_ranks_per_node; 0 = cluster.gpus_per_node
+    hierarchical: bool = True  # node-aware dispatch (one IB copy per destination node)
+    fp8_dispatch: bool = True  # parallel.fp8_dispatch: with fp8 on, dispatched rows travel as E4M3 + scales
 
     @property
     def world(self) -> int:
@@ -95,6 +101,21 @@ class Setup:
     @property
     def act_bytes(self) -> int:
         return 2 if self.dtype == "bf16" else 4
+
+    @property
+    def overlap(self) -> str:
+        return overlap_mode(self.moe_overlap, self.moe_chunks)
+
+    def schedule(self, cluster: ClusterConfig) -> Schedule:
+        """How moeforge runs this layout: DeepSpeed's 1F1B, full block recomputation when
+        configured, the all-to-all hidden by the measured fraction of its overlap mode, NCCL's SMs
+        taken from the GEMMs only while it overlaps them; PP and DP by `cluster.comm_overlap`."""
+        hide = MEASURED_OVERLAP[self.overlap]
+        return Schedule(recompute="full" if self.recompute_interval > 0 else "none", ep_hide=hide,
+                        pp_hide=cluster.comm_overlap, dp_hide=cluster.comm_overlap,
+                        comm_sms=NCCL_OVERLAP_SMS if hide > 0 else 0, hierarchical=self.hierarchical,
+                        ranks_per_node=self.ep_ranks_per_node or cluster.gpus_per_node,
+                        fp8_dispatch=self.fp8_dispatch)
 
 
 @dataclass
@@ -145,6 +166,7 @@ class Plan:
     pp_bytes_step: float
     dp_bytes_step: float
     t_dp: float
+    timing: Timing | None = None
 
     @property
     def worst(self) -> StagePlan:
@@ -223,13 +245,6 @@ def _expert_params(cfg: ModelConfig, layer_id: int) -> int:
     return cfg.n_routed_experts * 3 * cfg.dim * cfg.moe_inter_dim if cfg.is_moe_layer(layer_id) else 0
 
 
-def _linear_flops_per_token(cfg: ModelConfig, layer_id: int) -> tuple[float, float]:
-    """(FP8-able projection FLOPs, BF16 router FLOPs) per token, forward + backward, of one block."""
-    activated = block_params(cfg, layer_id).activated
-    router = cfg.n_routed_experts * cfg.dim if cfg.is_moe_layer(layer_id) else 0
-    return 6 * (activated - router), 6 * router
-
-
 def stage_layers(cfg: ModelConfig, bounds: list[int], stage: int) -> list[int]:
     """Block ids on `stage`; the last stage also runs the MTP blocks (ids n_layers…)."""
     ids = list(range(bounds[stage], bounds[stage + 1]))
@@ -249,13 +264,9 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
     bf16_optimizer = b == 2 and zero == 1  # DeepSpeed's BF16_Optimizer, partitioned like ZeRO-1
     gpn = cluster.gpus_per_node
     bounds = s.stage_bounds or [0, cfg.n_layers]
-    peak_bf16 = cluster.peak_bf16_tflops * 1e12 * cluster.efficiency
-    peak_fp8 = (cluster.peak_fp8_tflops or cluster.peak_bf16_tflops) * 1e12 * cluster.efficiency
-    if s.dtype == "fp32":
-        peak_bf16 = peak_fp8 = peak_bf16 / 2 if peak_bf16 else 0.0  # FP32 tensor-core rate is half of BF16 at best
     k_eff = distinct_ranks_per_token(cfg.n_routed_experts, cfg.n_activated_experts, s.ep)
-    dispatch_b = FP8_BYTES if s.fp8 else b
-    stages = []
+    sched = s.schedule(cluster)
+    stages, stage_terms_ = [], []
     for st in range(s.pp):
         ids = stage_layers(cfg, bounds, st)
         first, last = st == 0, st == s.pp - 1
@@ -315,47 +326,29 @@ def plan(cfg: ModelConfig, cluster: ClusterConfig, s: Setup) -> Plan:
         if s.pp > 1:
             p.pipe_buffers = in_flight * T * 8 * 2 + 2 * T * D * b  # labels (+ positions), gradient send/recv
         p.reserved = cluster.reserved_gib * GIB
-        # --- time per micro-batch
-        lin = bf = 0.0
-        for i in ids:
-            f8, rt = _linear_flops_per_token(cfg, i)
-            lin += f8
-            bf += rt + attention_flops_per_token(cfg, s.seq_len)
-        if last:
-            bf += 6 * V * D * (1 + cfg.n_mtp_layers) + 6 * cfg.n_mtp_layers * 2 * D * D
-        if k > 0:  # one more forward of every block
-            lin, bf = lin * 4 / 3, bf + sum(attention_flops_per_token(cfg, s.seq_len) for _ in ids) / 3
-        p.flops_per_micro = (lin + bf) * T
-        p.fp8_flops_per_micro = lin * T if s.fp8 else 0.0
-        if peak_bf16:
-            fp8_rate = peak_fp8 if s.fp8 else peak_bf16
-            p.t_compute = lin * T / fp8_rate + bf * T / peak_bf16
-        # EP: forward dispatch (FP8 when on) + combine, backward the two reverses; recompute repeats the forward
-        if s.ep > 1:
-            per_layer = T * k_eff * D * (dispatch_b + 3 * b + (dispatch_b + b if k > 0 else 0)) * (s.ep - 1) / s.ep
-            p.ep_bytes = n_moe * per_layer
-            inter = max(0, s.ep - gpn) / (s.ep - 1)
-            p.t_ep = _link_time(p.ep_bytes * (1 - inter), cluster.nvlink_gbps) + \
-                _link_time(p.ep_bytes * inter, cluster.ib_gbps)
-        if s.pp > 1:
-            p.pp_bytes = T * D * b * ((0 if last else 1) + (0 if first else 1))
-            p.t_pp = _link_time(p.pp_bytes, cluster.ib_gbps if s.dp >= gpn else cluster.nvlink_gbps)
+        # --- time per micro-batch (train/timing.py)
+        terms = stage_terms(cfg, cluster, ids, first=first, last=last, micro_tokens=T, seq_len=s.seq_len,
+                            sched=sched, efficiency=cluster.efficiency, fp8=s.fp8, ep=s.ep, act_bytes=b, pp=s.pp,
+                            pp_over_ib=s.dp >= gpn)
+        stage_terms_.append(terms)
+        p.flops_per_micro, p.fp8_flops_per_micro = terms.flops, terms.fp8_flops
+        p.t_compute = terms.compute + terms.mtp + terms.recompute + terms.sm
+        p.t_ep, p.t_pp, p.ep_bytes, p.pp_bytes = terms.ep_raw, terms.pp_raw, terms.ep_bytes, terms.pp_bytes
         stages.append(p)
     # DP: ring all-reduce (or ZeRO's reduce-scatter + all-gather, the same volume) of each GPU's gradients
     worst_dp = max(stages, key=lambda q: q.dense_params + q.expert_params)
     dp_bytes = b * (2 * (s.dp - 1) / s.dp * worst_dp.dense_params
                     + (2 * (s.edp - 1) / s.edp * worst_dp.expert_params if s.edp > 1 else 0))
     t_dp = _link_time(dp_bytes, cluster.ib_gbps if s.dp > gpn else cluster.nvlink_gbps)
-    bubble = (s.pp - 1) / (m + s.pp - 1)
-    hide = 1 - cluster.comm_overlap
+    timing = step_timing(stage_terms_, m=m, sched=sched, pp=s.pp, tokens_per_gpu=s.global_batch * s.seq_len / s.world,
+                         dp_s=t_dp)
     step = tps = mfu = None
-    if peak_bf16:
-        slot = max(q.t_compute + hide * (q.t_ep + q.t_pp) for q in stages)
-        step = (m + s.pp - 1) * slot + hide * t_dp
-        tps = s.global_batch * s.seq_len / step / s.world
+    if cluster.peak_bf16_tflops:
+        step, tps = timing.step_s, timing.tokens_per_s_per_gpu
         mfu = flops_per_token(cfg, s.seq_len) * tps / (cluster.peak_bf16_tflops * 1e12)
-    return Plan(s, cluster, stages, bubble, step, tps, mfu, ep_bytes_step=m * max(q.ep_bytes for q in stages),
-                pp_bytes_step=m * max(q.pp_bytes for q in stages), dp_bytes_step=dp_bytes, t_dp=t_dp)
+    return Plan(s, cluster, stages, timing.bubble, step, tps, mfu, ep_bytes_step=m * max(q.ep_bytes for q in stages),
+                pp_bytes_step=m * max(q.pp_bytes for q in stages), dp_bytes_step=dp_bytes, t_dp=t_dp,
+                timing=timing if step else None)
 
 
 def _link_time(nbytes: float, gbps: float) -> float:

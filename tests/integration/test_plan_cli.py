@@ -1,7 +1,7 @@
 """`python -m train.plan` end to end, and the plan against what the trainer really allocates.
 
 Measured on the 2-core CPU box: the CLI ~4 s (imports), in-process plans < 1 s, --search over
-2,048 GPUs ~2 s; the memory checks ~5 s (smoke), ~8 s (51M parameters), ~13 s (2 processes).
+2,048 GPUs ~2 s, --calibrate ~12 s; the memory checks ~5 s (smoke), ~8 s (51M parameters), ~13 s (2 processes).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def test_deepseek_v3_layout_plan():
     assert len(rows) == 16 and all(row.endswith("ok") for row in rows)
     tps = float(re.search(r"([\d,]+) tokens/s per GPU", out).group(1).replace(",", ""))
     assert 300 < tps < 3000, tps  # the same order as DeepSeek's ~1,540 (bench/RESULTS.md explains the gap)
+    assert "node-aware dispatch" in out and "overlap mode 'sync'" in out and "step by term, s: compute" in out
     ep, pp, dp = (float(x) for x in re.search(r"EP ([\d.]+) GB, PP ([\d.]+) GB, DP ([\d.]+) GB", out).groups())
     assert ep > 10 * dp > 0 and pp > 0  # MoE at this scale is all-to-all bound, not gradient bound
 
@@ -128,14 +129,40 @@ def test_search_lists_feasible_layouts_by_throughput(plan_main):
     assert tps == sorted(tps, reverse=True)
     for row in rows:
         pp, dp, ep = int(row[0]), int(row[1]), int(row[2])
-        assert pp * dp == 16 and dp % ep == 0 and float(row[7]) <= 79.2
-    # ...and the top layout, planned on its own, agrees and fits.
-    pp, dp, ep, _, zero, micro, rc = rows[0][:7]
+        assert pp * dp == 16 and dp % ep == 0 and float(row[8]) <= 79.2
+        assert row[7] in ("sync", "shared", "chunks", "both") and (ep > 1 or row[7] == "sync")
+    # ...and the best synchronous layout, planned on its own, agrees and fits.
+    best = next(row for row in rows if row[7] == "sync")
+    pp, dp, ep, _, zero, micro, rc = best[:7]
     single = plan_main("model=16b", "cluster=h100", "nodes=2", "trainer.global_batch_size=256", "trainer.seq_len=4096",
                       f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.zero_stage={zero}",
                       f"trainer.micro_batch_size={micro}", f"parallel.activation_checkpoint_interval={rc}")
     assert single.returncode == 0, single.stderr
-    assert f"{rows[0][-1]} tokens/s per GPU" in single.stdout
+    assert f"{best[-1]} tokens/s per GPU" in single.stdout
+
+
+def test_calibrate_prints_both_runs_and_the_best_layout(plan_main):
+    r = plan_main("--calibrate", "top=3")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    eff = float(re.search(r"efficiency fitted on Megatron-Core.*: ([\d.]+)", out).group(1))
+    assert 0.3 < eff < 0.6
+    megatron = next(line for line in out.splitlines() if line.startswith("Megatron-Core"))
+    deepseek = next(line for line in out.splitlines() if line.startswith("DeepSeek-V3"))
+    assert "1,297     1,297   +0.0%  (fitted)" in megatron and "1024 H100" in megatron
+    assert "1,543" in deepseek and "2048 H800" in deepseek and "+25.7%" in deepseek
+    assert "Megatron-Bridge docs/performance-summary.md" in out and "2.664M H800 GPU-hours" in out
+    layouts = out.split("feasible layouts on 2048 GPUs")[1].split("term by term")[0].strip().splitlines()[2:]
+    assert len(layouts) == 3
+    terms = out.split("term by term")[1]
+    for name in ("compute", "exposed all-to-all, IB", "pipeline bubble", "SMs held by communication", "total"):
+        assert name in terms
+    ours, theirs = (float(x.replace(",", "")) for x in re.search(r"tokens/s per GPU\s+([\d,]+)\s+([\d,]+)", terms).groups())
+    assert ours == float(layouts[0].split()[-1].replace(",", "")) and ours < theirs
+
+
+def test_calibrate_takes_no_overrides(plan_main):
+    one_line_error(plan_main("--calibrate", "model=16b"), 2, "--calibrate takes no other argument")
 
 
 # ------------------------------------------------------------ plan against the trainer

@@ -14,6 +14,8 @@ from parallel.topology import Layout
 from train.cluster import ClusterConfig
 from train.estimate import GIB, Setup, distinct_ranks_per_token, plan
 from train.plan import setup_of
+from train.timing import (FP8_BYTES, MEASURED_OVERLAP, Schedule, bubble_slots, ep_rows_per_token, expected_units_hit,
+                          row_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +97,150 @@ def test_recompute_and_fp8_caching_reduce_activations(cfg):
 
 def test_time_follows_peak_efficiency_and_overlap(cfg):
     s = setup_of(cfg, 32, pp=2, ep=16)  # ep 16 spans two nodes: the all-to-all crosses IB
-    p = plan(cfg.model, cfg.cluster, s)
+    half = dataclasses.replace(cfg.cluster, efficiency=0.5)
+    p = plan(cfg.model, half, s)
     assert p.step_s and p.tokens_per_s_per_gpu and 0 < p.mfu < 1
     assert math.isclose(p.tokens_per_s_per_gpu * p.step_s * 32, 256 * 4096)
-    fast = plan(cfg.model, dataclasses.replace(cfg.cluster, efficiency=1.0), s)
-    assert math.isclose(fast.stages[0].t_compute, p.stages[0].t_compute / 2)
-    hidden = plan(cfg.model, dataclasses.replace(cfg.cluster, comm_overlap=1.0), s)
+    fast = plan(cfg.model, dataclasses.replace(half, efficiency=1.0), s)
+    assert math.isclose(fast.stages[0].t_compute, p.stages[0].t_compute / 2)  # sync: no SM term
+    # cluster.comm_overlap hides PP and DP traffic only; the all-to-all stays exposed in sync mode
+    hidden = plan(cfg.model, dataclasses.replace(half, comm_overlap=1.0), s)
     assert hidden.step_s < p.step_s and p.stages[0].t_ep > 0
-    slot = max(st.t_compute for st in hidden.stages)
+    slot = max(st.t_compute + st.t_ep for st in hidden.stages)
     assert math.isclose(hidden.step_s, (s.grad_accum + 1) * slot)
     assert plan(cfg.model, ClusterConfig(), s).step_s is None  # no peak known: no time
+
+
+def test_terms_add_up_to_the_step(cfg):
+    s = setup_of(cfg, 64, pp=4, ep=16, recompute_interval=1, moe_overlap=True, moe_chunks=2)
+    t = plan(cfg.model, cfg.cluster, s).timing
+    assert math.isclose(sum(t.per_step.values()), t.step_s)
+    assert t.per_step["recompute"] > 0 and t.per_step["sm"] > 0 and t.per_step["ep_ib"] > 0
+
+
+# ------------------------------------------------------------ node-aware dispatch, FP8 dispatch, overlap
+def _monte_carlo_rows(E, k, G, M, ep, rpn, n=20000, seed=0):
+    """Random group-limited routings (M of G groups uniformly, then k distinct experts among
+    theirs): IB rows (distinct remote nodes) and NVLink rows (ranks hit other than the landing
+    rank of each hit node, which has the source's local index) per token, with standard errors."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    per_group, per_rank, nodes = E // G, E // ep, ep // rpn
+    ib, nvl = np.empty(n), np.empty(n)
+    for t in range(n):
+        groups = rng.choice(G, M, replace=False)
+        pool = (groups[:, None] * per_group + np.arange(per_group)).ravel()
+        ranks = set((rng.choice(pool, k, replace=False) // per_rank).tolist())
+        src = int(rng.integers(ep))
+        hit_nodes = {r // rpn for r in ranks}
+        ib[t] = len(hit_nodes - {src // rpn})
+        nvl[t] = len(ranks - {node * rpn + src % rpn for node in hit_nodes})
+    return ib.mean(), ib.std() / n**0.5, nvl.mean(), nvl.std() / n**0.5
+
+
+@pytest.mark.parametrize("ep, rpn, G, M", [
+    (64, 8, 8, 4),  # DeepSeek-V3: one expert group per node, M = 4 nodes at most
+    (32, 8, 8, 4),  # four nodes, two groups each
+    (16, 8, 8, 4),  # two nodes
+    (64, 8, 16, 4),  # a node holds two groups
+    (64, 8, 1, 1),  # no group limit
+])
+def test_inter_node_rows_match_monte_carlo(cfg, ep, rpn, G, M):
+    m = dataclasses.replace(cfg.model, n_routed_experts=256, n_activated_experts=8, n_expert_groups=G,
+                            n_limited_groups=M)
+    ib, nvl = ep_rows_per_token(m, ep, rpn, hierarchical=True)
+    nodes = ep // rpn
+    assert ib <= min(M if G == nodes else nodes, nodes - 1)
+    assert math.isclose(ib, expected_units_hit(256, 8, nodes, G, M) * (nodes - 1) / nodes)
+    mc_ib, se_ib, mc_nvl, se_nvl = _monte_carlo_rows(256, 8, G, M, ep, rpn, n=4000)
+    assert abs(ib - mc_ib) < 4 * se_ib + 1e-3, (ib, mc_ib, se_ib)
+    assert abs(nvl - mc_nvl) < 4 * se_nvl + 1e-3, (nvl, mc_nvl, se_nvl)
+    flat_ib, _ = ep_rows_per_token(m, ep, rpn, hierarchical=False)
+    assert flat_ib > ib  # one copy per remote rank instead of per remote node
+
+
+def test_inter_node_rows_at_most_m_for_deepseek_v3():
+    from train.config import compose, to_config
+
+    m = to_config(compose(["model=671b"])).model
+    ib, _ = ep_rows_per_token(m, 64, 8)
+    assert ib <= m.n_limited_groups == 4 and 3.0 < ib < 3.3  # 3.18: ~3.6 nodes hit, 7 in 8 of them remote
+
+
+def test_fp8_dispatch_halves_dispatch_bytes_not_combine():
+    fp8, bf16 = row_bytes(7168, FP8_BYTES, 2, False), row_bytes(7168, 2, 2, False)
+    assert math.isclose(fp8["dispatch"] / bf16["dispatch"], (1 + 4 / 128) / 2)
+    assert fp8["combine"] == bf16["combine"] and fp8["backward"] == bf16["backward"]
+    assert row_bytes(7168, FP8_BYTES, 2, True)["recompute"] == fp8["dispatch"] + fp8["combine"]
+
+
+def test_fp8_dispatch_in_the_plan(cfg):
+    s = dataclasses.replace(setup_of(cfg, 32, pp=2, ep=16), fp8=True)
+    on = plan(cfg.model, cfg.cluster, s).stages[0].ep_bytes
+    off = plan(cfg.model, cfg.cluster, dataclasses.replace(s, fp8_dispatch=False)).stages[0].ep_bytes
+    assert math.isclose(on / off, (FP8_BYTES + 6) / 8)  # dispatch FP8; combine and backward BF16
+
+
+@pytest.mark.parametrize("overlap, chunks, mode", [(False, 1, "sync"), (True, 1, "shared"), (False, 2, "chunks"),
+                                                   (True, 2, "both")])
+def test_overlap_fraction_comes_from_measured_overlap(cfg, monkeypatch, overlap, chunks, mode):
+    s = setup_of(cfg, 32, pp=2, ep=16, moe_overlap=overlap, moe_chunks=chunks)
+    assert s.overlap == mode
+    times = []
+    for fraction in (0.0, 0.3):
+        monkeypatch.setitem(MEASURED_OVERLAP, mode, fraction)
+        st = plan(cfg.model, cfg.cluster, s).timing.stages[0]
+        assert math.isclose(st.ep_ib + st.ep_nvl, st.ep_raw * (1 - fraction))
+        times.append(plan(cfg.model, cfg.cluster, s).step_s)
+    assert times[1] < times[0]  # changing the constant changes the time
+
+
+def test_bubble_term(cfg):
+    for pp, gb in ((4, 256), (8, 64), (2, 32)):
+        s = setup_of(cfg, 32, pp=pp, ep=1)
+        s = dataclasses.replace(s, global_batch=gb)
+        p = plan(cfg.model, cfg.cluster, s)
+        m = s.grad_accum
+        assert math.isclose(p.bubble, (pp - 1) / (m + pp - 1))
+        assert math.isclose(p.timing.per_step["bubble"], (pp - 1) * p.timing.slowest.slot)
+    assert bubble_slots(Schedule(pipeline="interleaved", vp=4), 8) == 7 / 4
+    assert bubble_slots(Schedule(pipeline="dualpipe"), 16) == 7
+
+
+# ------------------------------------------------------------ calibration on published runs
+@pytest.fixture(scope="module")
+def calibration():
+    from train.calibrate import calibrate
+    from train.config import compose, to_config
+
+    return calibrate(to_config(compose(["model=671b"])).model)
+
+
+def test_calibration_reproduces_the_fitted_run(calibration):
+    from train.calibrate import error
+
+    (run, t, fitted), = [row for row in calibration.rows if row[2]]
+    assert run.name == "Megatron-Core" and run.tokens_per_s == 1297
+    assert abs(error(run, t)) < 1e-6
+    assert 0.3 < calibration.efficiency < 0.6
+
+
+def test_validation_run_error_is_the_documented_one(calibration):
+    """The figure bench/RESULTS.md and docs/launch.md state; a model change that moves it must update them."""
+    from train.calibrate import error
+
+    (run, t, _), = [row for row in calibration.rows if not row[2]]
+    assert run.name == "DeepSeek-V3" and round(run.tokens_per_s) == 1543
+    assert abs(error(run, t) - 0.257) < 0.005, error(run, t)
+
+
+@pytest.mark.xfail(strict=True, reason="the goal is missed: DeepSeek's run predicted +25.7% (bench/RESULTS.md)")
+def test_validation_run_within_15_percent(calibration):
+    from train.calibrate import error
+
+    (run, t, _), = [row for row in calibration.rows if not row[2]]
+    assert abs(error(run, t)) <= 0.15
 
 
 def test_fp32_run_without_zero_is_sixteen_bytes_per_parameter():
