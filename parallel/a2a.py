@@ -47,6 +47,8 @@ class LinkModel:
         self.bytes_per_s, self.latency_s = gbps * 1e9, latency_s
         self.busy_until = 0.0
         self.seconds = 0.0  # simulated transfer time booked so far
+        self.bytes = 0  # inter-node bytes booked so far
+        self.slept = 0.0  # time spent waiting for the link (what the schedule did not hide)
 
     def book(self, nbytes: int) -> float:
         """Queue `nbytes` behind what is in flight; returns the time they are delivered."""
@@ -55,13 +57,14 @@ class LinkModel:
         duration = self.latency_s + nbytes / self.bytes_per_s
         self.busy_until = max(time.perf_counter(), self.busy_until) + duration
         self.seconds += duration
+        self.bytes += nbytes
         return self.busy_until
 
-    @staticmethod
-    def settle(deadline: float) -> None:
+    def settle(self, deadline: float) -> None:
         left = deadline - time.perf_counter()
         if left > 0:
             time.sleep(left)
+            self.slept += left
 
 
 @dataclass
@@ -158,7 +161,7 @@ class Transfer:
         for w in self._works:
             w.wait()
         if self._deadline:
-            LinkModel.settle(self._deadline)
+            self.peers.link.settle(self._deadline)
         outs, self._outs, self._works, self._deadline = self._outs, [], [], 0.0
         return outs
 

@@ -94,6 +94,7 @@ class AllToAllDispatcher:
         self.n_local = n_experts // ep_size
         self.peers = Peers(group, ep_size, ep_rank, per_node or ep_size)
         self.overlap, self.chunks, self.fp8 = False, 1, False
+        self.node_aware = True  # False: one hop to every rank even across nodes (the baseline of bench/dispatch.py)
         self.stats = DispatchStats()
         self.account = account
         self.last_recv_rows, self.last_expert_counts = 0, None  # host int and device tensor: no sync
@@ -129,13 +130,17 @@ class AllToAllDispatcher:
                  for c, (a, b) in enumerate(zip(bounds, bounds[1:]))]
         shared_out = None
         if self.overlap or chunks > 1:
+            # Every chunk's first exchange in flight, then the shared experts while it moves, then
+            # the chunks in turn: chunk 1's exchange moves behind chunk 0's experts and chunk 0's
+            # behind chunk 1's. The order is fixed (never "whichever has arrived"): every rank
+            # must start the same collectives in the same order.
             for step in steps:
-                next(step)  # every chunk's first exchange is in flight
-            if shared is not None:
-                shared_out = shared(x)  # while the dispatch moves
+                next(step)
+            if shared is not None and self.overlap:
+                shared_out = shared(x)
             pending = steps
             while pending:
-                pending = [s for s in pending if next(s, StopIteration) is not StopIteration]
+                pending = [s for s in pending if next(s, None) is not None]
         else:
             for step in steps:
                 for _ in step:  # synchronous: each exchange is waited for at once
@@ -165,7 +170,7 @@ class AllToAllDispatcher:
             qx = quant_along_columns(x, RECIPES[spec.recipe][0][0], [x.size(0)], spec)  # once per token
         hop = None
         rows, ids, w = x, indices, weights
-        if peers.n_nodes > 1:
+        if peers.n_nodes > 1 and peers.per_node > 1 and self.node_aware:  # one rank per node: one hop is node-aware
             # 1. Inter-node: one row per (token, node holding its experts), to the rail peer there.
             dest_rank = indices // E_l
             node = dest_rank // peers.per_node
@@ -176,7 +181,7 @@ class AllToAllDispatcher:
             ids1 = torch.where(on, indices[pair_tok], -1)
             w1 = torch.where(on, weights[pair_tok], weights.new_zeros(()))
             token = launch(hop, (x[pair_tok], ids1, w1), _take(qx, pair_tok))
-            yield
+            yield True
             rows, ids, w = land(token, hop)
             qx = hop.qx
         # 2. Inside the node (or the whole group): one row per (row, rank holding its experts).
@@ -187,7 +192,8 @@ class AllToAllDispatcher:
         local_ids = torch.where(on, ids[pair_row] - pair_rank.unsqueeze(1) * E_l, -1)
         local_w = torch.where(on, w[pair_row], w.new_zeros(()))
         token = launch(fan, (rows[pair_row], local_ids, local_w), _take(qx, pair_row))
-        yield
+        if hop is None:  # two hops: the fan-out inside the node is waited for at once (NVLink)
+            yield True
         r_rows, r_ids, r_w = land(token, fan)
         # 3. Local experts over (row, expert) copies, gate-weighted, summed per row.
         copy_row, copy_k = (r_ids >= 0).nonzero(as_tuple=True)
@@ -206,13 +212,14 @@ class AllToAllDispatcher:
         # 4. Back: to the row's holder on this node, summed there, then across to the token's rank.
         back = Transfer(peers, recv, send, "combine")
         token = launch(back, (partial,))
-        yield
+        if hop is None:
+            yield True
         (got,) = land(token, back)
         summed = got.new_zeros(rows.size(0), got.size(1)).index_add(0, pair_row, got)
         if hop is not None:
             home = Transfer(peers, hop.recv, hop.send, "combine")
             token = launch(home, (summed,))
-            yield
+            yield True
             (got,) = land(token, home)
             summed = got.new_zeros(x.size(0), got.size(1)).index_add(0, pair_tok, got)
         outs[slot] = summed.to(x.dtype)
@@ -255,7 +262,8 @@ def ranks_per_node(ep_members: list[int], local_world: int) -> int:
 
 
 def configure_dispatch(model: nn.Module, *, per_node: int = 0, overlap: bool = False, chunks: int = 1,
-                       fp8: bool = False, link: LinkModel | None = None) -> list[AllToAllDispatcher]:
+                       fp8: bool = False, link: LinkModel | None = None,
+                       node_aware: bool = True) -> list[AllToAllDispatcher]:
     """Set the dispatch options of every all-to-all dispatcher in `model` (parallel.* keys);
     `link` simulates a slow inter-node link (tests and benchmarks only)."""
     found = []
@@ -266,7 +274,7 @@ def configure_dispatch(model: nn.Module, *, per_node: int = 0, overlap: bool = F
             if per_node:
                 d.peers = Peers(d.peers.group, d.ep_size, d.ep_rank, per_node)
             d.peers.link = link
-            d.overlap, d.chunks, d.fp8 = overlap, chunks, fp8
+            d.overlap, d.chunks, d.fp8, d.node_aware = overlap, chunks, fp8, node_aware
             d.account = counting
             found.append(d)
     return found

@@ -67,7 +67,7 @@ class ParallelConfig:
     # Expert-parallel dispatch (parallel/expert.py; docs/parallel.md "Dispatch paths"):
     ep_ranks_per_node: int = 0  # ep ranks per node for node-aware dispatch; 0 = from the launch (LOCAL_WORLD_SIZE)
     moe_overlap: bool = False  # asynchronous all-to-all; shared experts computed while the dispatch is in flight
-    moe_chunks: int = 1  # 2 = a layer's tokens in two halves, one half's exchange behind the other's experts
+    moe_chunks: int = 1  # 2 = a layer's tokens in two halves, one half's exchange behind the other's experts (1 = off)
     fp8_dispatch: bool = True  # FP8 experts with 1×128-tile or row scales: dispatched rows travel as E4M3
 
 
@@ -345,8 +345,8 @@ def check_layout(cfg: Config, world_size: int) -> int:
     if p.ep_ranks_per_node < 0 or (p.ep_ranks_per_node and p.ep % p.ep_ranks_per_node):
         raise ConfigError(f"parallel.ep_ranks_per_node={p.ep_ranks_per_node}: must divide parallel.ep={p.ep} "
                           "(0 = from the launch)")
-    if p.moe_chunks not in (1, 2):
-        raise ConfigError(f"parallel.moe_chunks={p.moe_chunks}: must be 1 (off) or 2")
+    if p.moe_chunks < 1:
+        raise ConfigError(f"parallel.moe_chunks={p.moe_chunks}: must be >= 1 (1 = off)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"trainer.global_batch_size={t.global_batch_size}: not divisible by "
                           f"trainer.micro_batch_size={t.micro_batch_size} × dp={dp}")
