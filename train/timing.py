@@ -49,8 +49,10 @@ FP8_BYTES = 1 + 4 / 128  # E4M3 value + one FP32 scale per 1×128 tile (DeepSeek
 # Fraction of the exposed all-to-all time each moeforge overlap mode hides, by mode:
 # sync (neither), shared (parallel.moe_overlap: shared experts while the dispatch is in flight),
 # chunks (parallel.moe_chunks=2: one half's all-to-all under the other half's experts), both.
-# Provisional until measured — bench/dispatch.py, bench/RESULTS.md
-MEASURED_OVERLAP = {"sync": 0.0, "shared": 0.15, "chunks": 0.45, "both": 0.55}
+# Measured by bench/dispatch.py on a simulated inter-node link whose time equals the layer's
+# compute ("exposed link time hidden, vs synchronous"; bench/RESULTS.md, 2026-12-03: both
+# ranged 0.72-0.79 over four runs on the 2-core CPU box). Simulated, not a GPU measurement.
+MEASURED_OVERLAP = {"sync": 0.0, "shared": 0.13, "chunks": 0.59, "both": 0.79}
 
 # SMs NCCL's all-to-all occupies while it runs beside a GEMM (moeforge's overlap modes):
 # NCCL's default channel count on an 8-GPU NVSwitch node with one HCA per GPU is of this order.
