@@ -125,3 +125,102 @@ def durable_folder(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class StreamWriter:
+    """Write one file as a stream of byte chunks, hashing them (SHA-256) as they go, then fsync.
+
+    Large checkpoint files go through here (parallel/state.py `write_rank_file`). The bytes are
+    copied into a page-aligned staging buffer and written with O_DIRECT where the filesystem
+    allows it, as DeepSpeed's FastPersist writes checkpoints: no page-cache copy of the data,
+    which on this project's VM costs more than the disk (bench/checkpoint.py, bench/RESULTS.md).
+    Where O_DIRECT is refused (tmpfs, some network filesystems) the same buffer is written
+    through the page cache. Each `write` hashes its data on a helper thread while it copies and
+    writes it (hashlib and os.write both release the GIL).
+    """
+
+    CHUNK = 1 << 24  # staging buffer and write size (a multiple of any block size O_DIRECT asks)
+    ALIGN = 4096
+
+    def __init__(self, path: str | os.PathLike):
+        import hashlib
+        import mmap
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.path = os.fspath(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:
+            self.direct = False
+            self.fd = os.open(self.path, flags, 0o644)
+        self.buf = mmap.mmap(-1, self.CHUNK)  # anonymous mappings are page-aligned
+        self.fill = self.size = 0
+        self.digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash")
+
+    def write(self, data) -> None:
+        """Stage and write `data` (bytes-like); its hash runs meanwhile and is done on return."""
+        view = memoryview(data).cast("B")
+        hashed = self._hasher.submit(self.digest.update, view)
+        self.size += len(view)
+        while len(view):
+            n = min(len(view), self.CHUNK - self.fill)
+            self.buf[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+        hashed.result()
+
+    def _flush(self, n: int) -> None:
+        out = memoryview(self.buf)[:n]
+        done = 0
+        try:
+            while done < n:
+                try:
+                    done += os.write(self.fd, out[done:])
+                except OSError:
+                    if not self.direct:
+                        raise
+                    self._buffered()  # the filesystem took the open but refuses direct writes
+        finally:
+            out.release()
+        self.fill = 0
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def flush_partial(self) -> None:
+        """Push what is staged to the file (fault injection: a process killed mid-write leaves
+        the bytes so far on disk); with O_DIRECT only whole blocks, the rest stays staged."""
+        n = self.fill - (self.fill % self.ALIGN if self.direct else 0)
+        if n:
+            tail = bytes(self.buf[n:self.fill])
+            self._flush(n)
+            self.buf[:len(tail)] = tail
+            self.fill = len(tail)
+
+    def close(self) -> dict:
+        """Write the rest, fsync, close; returns {"size", "sha256"} of the whole file."""
+        try:
+            if self.fill:
+                n = self.fill
+                if self.direct:  # the last write is padded to the block size, the file cut back after
+                    padded = -(-n // self.ALIGN) * self.ALIGN
+                    self.buf[n:padded] = bytes(padded - n)
+                    self._flush(padded)
+                else:
+                    self._flush(n)
+            if self.direct:
+                os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self._hasher.shutdown()
+            self.buf.close()
+        return {"size": self.size, "sha256": self.digest.hexdigest()}

@@ -19,7 +19,6 @@ Files are safetensors, so loading never unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.durable import sync_file
+from data.durable import StreamWriter
 from data.errors import UserError
 from model.moe import Experts
 
@@ -183,10 +182,10 @@ def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], di
 
     The file is streamed tensor by tensor: the safetensors header (8-byte little-endian length,
     JSON padded with spaces to a multiple of 8, every tensor float32 and 1-D, in name order as
-    safetensors' own writer orders them), then each tensor's bytes straight from its memory.
-    Nothing is serialised into one buffer first, and the SHA-256 is taken from the bytes as they
-    are written instead of by reading the file back (bench/checkpoint.py). `crash()` runs halfway
-    through the write (fault injection: a rank killed mid-write)."""
+    safetensors' own writer orders them), then each tensor's bytes straight from its memory,
+    through data/durable.py `StreamWriter` (O_DIRECT where allowed, SHA-256 as the bytes go).
+    Nothing is serialised into one buffer first and nothing is read back (bench/checkpoint.py).
+    `crash()` runs halfway through the write (fault injection: a rank killed mid-write)."""
     rows, entries = [], []
     for kind, name, start, t in frags:
         entries.append((f"{kind}:{name}:{start}", t))
@@ -198,31 +197,22 @@ def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], di
         offset += 4 * t.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    digest = hashlib.sha256()
-    size, written = 0, 0
-
-    def put(f, data) -> None:
-        nonlocal size
-        digest.update(data)  # hashlib and write both release the GIL for large buffers
-        f.write(data)
-        size += len(data)
-
-    with open(path, "wb", buffering=0) as f:
-        put(f, struct.pack("<Q", len(head)) + head)
+    out = StreamWriter(path)
+    try:
+        head = struct.pack("<Q", len(head)) + head
+        out.write(head)
+        written = 0
         for _, t in entries:
             flat = t.detach().reshape(-1).to("cpu", torch.float32).contiguous()
-            view = memoryview(flat.numpy()).cast("B")
-            for lo in range(0, len(view), _WRITE_CHUNK):
-                put(f, view[lo:lo + _WRITE_CHUNK])
-            written += view.nbytes
+            out.write(memoryview(flat.numpy()).cast("B"))
+            written += 4 * flat.numel()
             if crash is not None and written * 2 >= offset:
+                out.flush_partial()
                 crash()
                 crash = None
-        sync_file(f)
-    return rows, {"size": size, "sha256": digest.hexdigest()}
-
-
-_WRITE_CHUNK = 1 << 24  # bytes per write() and hash update
+    finally:
+        record = out.close()
+    return rows, record
 
 
 def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:
