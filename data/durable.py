@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,10 +142,10 @@ class StreamWriter:
 
     CHUNK = 1 << 24  # staging buffer and write size (a multiple of any block size O_DIRECT asks)
     ALIGN = 4096
+    THREADED = 1 << 20  # pieces at least this large are hashed on the helper thread
 
     def __init__(self, path: str | os.PathLike):
         import hashlib
-        import mmap
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = os.fspath(path)
@@ -155,7 +156,7 @@ class StreamWriter:
         except OSError:
             self.direct = False
             self.fd = os.open(self.path, flags, 0o644)
-        self.buf = mmap.mmap(-1, self.CHUNK)  # anonymous mappings are page-aligned
+        self.buf = _staging_take(self.CHUNK)
         self.fill = self.size = 0
         self.digest = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash")
@@ -163,7 +164,11 @@ class StreamWriter:
     def write(self, data) -> None:
         """Stage and write `data` (bytes-like); its hash runs meanwhile and is done on return."""
         view = memoryview(data).cast("B")
-        hashed = self._hasher.submit(self.digest.update, view)
+        if len(view) < self.THREADED:  # a thread hand-off costs more than hashing a small piece
+            self.digest.update(view)
+            hashed = None
+        else:
+            hashed = self._hasher.submit(self.digest.update, view)
         self.size += len(view)
         while len(view):
             n = min(len(view), self.CHUNK - self.fill)
@@ -172,7 +177,8 @@ class StreamWriter:
             view = view[n:]
             if self.fill == self.CHUNK:
                 self._flush(self.CHUNK)
-        hashed.result()
+        if hashed is not None:
+            hashed.result()
 
     def _flush(self, n: int) -> None:
         out = memoryview(self.buf)[:n]
@@ -222,5 +228,29 @@ class StreamWriter:
         finally:
             os.close(self.fd)
             self._hasher.shutdown()
-            self.buf.close()
+            _staging_give(self.buf)
         return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+# Staging buffers are reused from file to file: a fresh mapping is first-touch page faults
+# on every write (on this project's VM they cost as much as the disk write of a small file).
+_STAGING: list = []
+_STAGING_LOCK = threading.Lock()
+
+
+def _staging_take(size: int):
+    import mmap
+
+    with _STAGING_LOCK:
+        for i, buf in enumerate(_STAGING):
+            if len(buf) == size:
+                return _STAGING.pop(i)
+    return mmap.mmap(-1, size)  # anonymous mappings are page-aligned, as O_DIRECT needs
+
+
+def _staging_give(buf) -> None:
+    with _STAGING_LOCK:
+        if len(_STAGING) < 2:
+            _STAGING.append(buf)
+            return
+    buf.close()

@@ -172,7 +172,8 @@ class CheckpointManager:
     def _write_own(self, tmp: Path, frags: list, rng: dict) -> tuple[str, list, dict]:
         """This rank's state and RNG files, fsynced; (state file name, index rows, file records)."""
         state_file = tmp / f"state-{self.rank:05d}.safetensors"
-        rows, record = pstate.write_rank_file(state_file, frags, crash=lambda: self.faults.crash_point("writing"))
+        crash = (lambda: self.faults.crash_point("writing")) if self.faults.armed("writing") else None
+        rows, record = pstate.write_rank_file(state_file, frags, crash=crash)
         rng_file = tmp / f"rank-{self.rank:05d}.json"
         write_file_synced(rng_file, json.dumps(rng).encode())
         return state_file.name, rows, {state_file.name: record, **dict([ckpt.file_record(rng_file)])}

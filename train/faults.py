@@ -117,6 +117,10 @@ class Faults:
                 return what
         return None
 
+    def armed(self, phase: str) -> bool:
+        """Whether some kill waits at save phase `phase` (callers skip fault-only work otherwise)."""
+        return any(what == "kill" and where == f"save:{phase}" for what, where, _, _ in self.items)
+
     def crash_point(self, phase: str) -> None:
         """SIGKILL this process at a save phase when asked to."""
         for what, where, target, count in self.items:
