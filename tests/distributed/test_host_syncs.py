@@ -29,7 +29,7 @@ WORKER = ROOT / "tests" / "distributed" / "sync_worker.py"
 LAYOUTS = {"dp1": (1, []), "ep2": (2, ["parallel.ep=2"]), "pp2": (2, ["parallel.pp=2"])}
 GUARD = "train/step.py:_decide:tolist"
 SEGMENTS = "model/moe.py:forward:tolist"
-SPLITS = "parallel/expert.py:__call__:tolist"
+SPLITS = "parallel/a2a.py:split_counts:tolist"  # one per dispatch exchange (the split sizes)
 
 
 @pytest.fixture(scope="module")

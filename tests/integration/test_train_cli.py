@@ -54,6 +54,8 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     ("parallel.partition=bogus", "parallel.partition='bogus'"),
     ("fp8=te", "fp8.backend=te: needs an NVIDIA GPU (device is cpu); fp8.backend=emulated runs here"),
     ("fp8.recipe=nope", "fp8.recipe='nope'"),
+    ("parallel.ep_ranks_per_node=2", "parallel.ep_ranks_per_node=2: must divide parallel.ep=1"),
+    ("parallel.moe_chunks=0", "parallel.moe_chunks=0: must be >= 1"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"

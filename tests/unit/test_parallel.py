@@ -10,7 +10,7 @@ import torch
 
 from model import Transformer
 from model.config import ConfigError, ModelConfig
-from parallel.expert import shard_experts
+from parallel.expert import ranks_per_node, shard_experts
 from parallel.pipeline import BlockPipe, OutputPipe, SharedEmbedding, balanced_stages, layer_costs, spec_parts
 from parallel.topology import Layout
 from train.config import compose, model_config
@@ -116,3 +116,14 @@ def test_every_parameter_is_initialised():
     model.init_weights(seed=0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(b).all() for b in model.buffers())
+
+
+@pytest.mark.parametrize("members, local_world, per_node", [
+    ([0, 1, 2, 3], 8, 4),  # the whole group inside one node: one hop
+    ([0, 1, 2, 3, 4, 5, 6, 7], 4, 4),  # two nodes of four
+    ([4, 5, 6, 7], 2, 2),  # a group starting on a later node
+    ([0, 1, 2, 3, 4, 5], 4, 6),  # uneven (4 + 2): one hop, never a wrong node map
+    ([0, 2, 4, 6], 2, 1),  # one rank on each of four nodes
+])
+def test_ep_ranks_per_node_from_the_launch(members, local_world, per_node):
+    assert ranks_per_node(members, local_world) == per_node
