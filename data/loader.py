@@ -149,6 +149,22 @@ class ShardedTokenLoader:
             self._perms[epoch] = IndexPermutation(self.num_sequences, keys)
         return self._perms[epoch]
 
+    def _cursor(self) -> tuple[int, int]:
+        """Where the next iterator starts (what `_plan` takes)."""
+        return self.epoch, self.consumed
+
+    def _commit(self, cursor: tuple[int, int]) -> None:
+        """A batch planned up to `cursor` was handed out: advance the state past it."""
+        self.epoch, self.consumed = cursor
+        self.sequences_seen += self.step
+        if self.consumed >= self.sequences_per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _batches(self, cursor: tuple[int, int]):
+        """Yield (cursor after this batch, this rank's sequence indices) from `cursor` (what the iterator walks)."""
+        for epoch, consumed, seqs in self._plan(*cursor):
+            yield (epoch, consumed), seqs
+
     def _plan(self, epoch: int, consumed: int):
         """Yield (epoch, consumed after this batch, sequence indices of this rank's batch), endlessly."""
         m, step, per_epoch = self.micro_batch_size, self.step, self.sequences_per_epoch
@@ -170,39 +186,11 @@ class ShardedTokenLoader:
         m, L = len(seqs), self.seq_len
         x = np.empty((m, L), dtype=np.int64)
         y = np.empty((m, L), dtype=np.int64)
-        starts, shards, stream = self.stream.starts, self.stream.shards, self.stream
-        for j, w in enumerate(seqs.tolist()):  # the hot loop: two slice copies per row
-            s = w * L
-            k = bisect_right(starts, s) - 1
-            local = s - starts[k]
-            shard = shards[k]
-            if local + L + 1 <= len(shard):
-                x[j] = shard[local:local + L]
-                y[j] = shard[local + 1:local + L + 1]
-            else:  # the window crosses into the next shard
-                stream.read_pair(s, L, x[j], y[j])
+        read_windows(self.stream, seqs, L, x, y)
         batch = {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "index": torch.from_numpy(seqs)}
         if self.document_aware:
-            self._document_outputs(seqs, x, y, batch)
+            document_outputs([self.stream] * m, seqs, x, y, batch)
         return batch
-
-    def _document_outputs(self, seqs: np.ndarray, x: np.ndarray, y: np.ndarray, batch: dict) -> None:
-        m, L = x.shape
-        rows, cols = [], []
-        for j, w in enumerate(seqs.tolist()):
-            rel = self.stream.doc_starts(w * L + 1, w * L + L + 1) - w * L  # documents starting at 1..L
-            rows.append(np.full(len(rel), j))
-            cols.append(rel)
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        y[rows, cols - 1] = IGNORE_INDEX  # a document's last token: its label would cross a document
-        inner = cols < L
-        rows, cols = rows[inner], cols[inner]
-        seg_start = np.zeros((m, L), dtype=np.int64)
-        seg_start[rows, cols] = cols
-        np.maximum.accumulate(seg_start, axis=1, out=seg_start)
-        batch["position_ids"] = torch.from_numpy(np.arange(L, dtype=np.int64) - seg_start)
-        bounds = np.concatenate([np.arange(m) * L, rows * L + cols, [m * L]])
-        batch["cu_seqlens"] = torch.from_numpy(np.sort(bounds).astype(np.int32))
 
     def close(self) -> None:
         """Stop and join the live iterator's reader threads (call before the process exits)."""
@@ -263,18 +251,25 @@ class ShardedTokenLoader:
         self.sequences_seen = int(state.get("sequences_seen", 0))
 
 
+class _End:
+    """A reader thread's plan ended (a mixture that stops): the consumer stops there too."""
+
+
 class _Iterator:
     """Hands out batches in order, advancing the loader's state as each batch is handed out.
 
     With num_workers = k > 0, reader thread i produces batches i, i+k, i+2k, … of the plan (each
     thread walks its own copy of the deterministic plan) into its own bounded queue, and
     `__next__` takes from the queues round-robin: the order cannot depend on k or on timing.
+    The loader provides `_cursor()` (where to start), `_batches(cursor)` (the plan: (cursor after
+    the batch, what to read)), `read_batch(what)` and `_commit(cursor)` (a batch was handed out);
+    a plan that ends (a mixture's `stop`) ends the iteration there.
     """
 
-    def __init__(self, loader: ShardedTokenLoader):
+    def __init__(self, loader):
         self.loader = loader
-        self.start = (loader.epoch, loader.consumed)
-        self.plan = loader._plan(*self.start)
+        self.start = loader._cursor()
+        self.plan = loader._batches(self.start)
         self.limit = loader.num_batches
         self.count = 0
         self.closed = False
@@ -298,18 +293,22 @@ class _Iterator:
             raise StopIteration
         ld = self.loader
         if not self.threads:
-            epoch, consumed, seqs = next(self.plan)
+            try:
+                cursor, seqs = next(self.plan)
+            except StopIteration:
+                self.close()
+                raise
             batch = ld.read_batch(seqs)
         else:
-            epoch, consumed, batch = self.queues[self.count % len(self.queues)].get()
+            cursor, batch = self.queues[self.count % len(self.queues)].get()
             if isinstance(batch, BaseException):
                 self.close()
                 raise batch
+            if batch is _End:
+                self.close()
+                raise StopIteration
         self.count += 1
-        ld.epoch, ld.consumed = epoch, consumed
-        ld.sequences_seen += ld.step
-        if ld.consumed >= ld.sequences_per_epoch:
-            ld.epoch, ld.consumed = ld.epoch + 1, 0
+        ld._commit(cursor)
         return batch
 
     def close(self) -> None:
@@ -338,21 +337,65 @@ class _Iterator:
             pass
 
 
-def _produce(loader: ShardedTokenLoader, start: tuple[int, int], limit: int | None, i: int, k: int,
-             q: queue.Queue, stop: threading.Event) -> None:
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce(loader, start, limit: int | None, i: int, k: int, q: queue.Queue, stop: threading.Event) -> None:
     """Reader thread i of k: batches i, i+k, … of the plan from `start`, into `q`, until stopped."""
     try:
-        for n, (epoch, consumed, seqs) in enumerate(loader._plan(*start)):
+        n = -1
+        for n, (cursor, seqs) in enumerate(loader._batches(start)):
             if stop.is_set() or (limit is not None and n >= limit):
                 return
             if n % k != i:
                 continue
-            item = (epoch, consumed, loader.read_batch(seqs))
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            _put(q, (cursor, loader.read_batch(seqs)), stop)
+        # The plan ended: the consumer reaches this queue next at batch n + 1 + ((i − n − 1) mod k).
+        _put(q, (None, _End), stop)
     except BaseException as exc:  # handed to the consumer, raised there
-        q.put((None, None, exc))
+        q.put((None, exc))
+
+
+# ---------------------------------------------------------------- reading (shared with data/mixture.py)
+def read_windows(stream: TokenStream, seqs: np.ndarray, L: int, x: np.ndarray, y: np.ndarray,
+                 rows: np.ndarray | None = None) -> None:
+    """x[row], y[row] ← inputs and labels of sequence seqs[j] of `stream` (row = rows[j], default j)."""
+    starts, shards = stream.starts, stream.shards
+    for j, w in enumerate(seqs.tolist()):  # the hot loop: two slice copies per row
+        r = j if rows is None else int(rows[j])
+        s = w * L
+        k = bisect_right(starts, s) - 1
+        local = s - starts[k]
+        shard = shards[k]
+        if local + L + 1 <= len(shard):
+            x[r] = shard[local:local + L]
+            y[r] = shard[local + 1:local + L + 1]
+        else:  # the window crosses into the next shard
+            stream.read_pair(s, L, x[r], y[r])
+
+
+def document_outputs(streams: list[TokenStream], seqs: np.ndarray, x: np.ndarray, y: np.ndarray,
+                     batch: dict) -> None:
+    """Document-aware outputs of rows read from streams[j] (the row's own stream) at sequence seqs[j]."""
+    m, L = x.shape
+    rows, cols = [], []
+    for j, w in enumerate(seqs.tolist()):
+        rel = streams[j].doc_starts(w * L + 1, w * L + L + 1) - w * L  # documents starting at 1..L
+        rows.append(np.full(len(rel), j))
+        cols.append(rel)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    y[rows, cols - 1] = IGNORE_INDEX  # a document's last token: its label would cross a document
+    inner = cols < L
+    rows, cols = rows[inner], cols[inner]
+    seg_start = np.zeros((m, L), dtype=np.int64)
+    seg_start[rows, cols] = cols
+    np.maximum.accumulate(seg_start, axis=1, out=seg_start)
+    batch["position_ids"] = torch.from_numpy(np.arange(L, dtype=np.int64) - seg_start)
+    bounds = np.concatenate([np.arange(m) * L, rows * L + cols, [m * L]])
+    batch["cu_seqlens"] = torch.from_numpy(np.sort(bounds).astype(np.int32))
