@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import flex_attention, is_block_mask
 from .config import ModelConfig
 from .linear import linear
 from .norm import RMSNorm
@@ -43,7 +44,8 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) → (B, T, D). Causal; attn_mask (B, 1, T, T) bool, True = attend, overrides it."""
+        """x (B, T, D) → (B, T, D). Causal; attn_mask overrides it: a (B, 1, T, T) bool (True =
+        attend) for SDPA, or a flex-attention BlockMask (model/attention.py document masks)."""
         B, T, _ = x.shape
         H, C, R, V = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -59,8 +61,10 @@ class MLA(nn.Module):
             # Fused (flash) SDPA kernels want equal q/k/v head dims; zero-padding v costs
             # a little extra AV work and selects them (CPU: ~1.7x faster attention backward).
             v = F.pad(v, (0, C + R - V))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, ·)
-            attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale,
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, ·)
+        if is_block_mask(attn_mask):
+            o = flex_attention(q, k, v, attn_mask, self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               scale=self.softmax_scale)
         return self.wo(o.transpose(1, 2)[..., :V].reshape(B, T, H * V))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import document_ids, document_mask
 from .block import Block
 from .config import ModelConfig
 from .linear import linear
@@ -54,7 +55,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def mtp_losses(modules: Iterable[MTPModule], head: nn.Module, h: torch.Tensor, labels: torch.Tensor,
                next_emb: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
                cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+               attn_mask: torch.Tensor | None = None, attention: str = "sdpa") -> torch.Tensor:
     """Mean over the MTP depths (at least one) of their cross-entropies.
 
     h (B, T, D): the main model's final-norm output; labels (B, T): the main targets
@@ -64,6 +65,12 @@ def mtp_losses(modules: Iterable[MTPModule], head: nn.Module, h: torch.Tensor, l
     the embedding function, applied per depth to that depth's clamped label ids (ignored
     positions still need an embedding input). cos, sin: RoPE tables indexed by position (at
     least T rows), read at position_ids (B, T) when given, else at 0..n-1.
+
+    Position ids are per-document positions (model/attention.py): with them, depth k attends
+    inside documents (a mask of `attention`'s backend over its first n positions) and position
+    i's target labels[:, i+k] counts only when it lies in i's document, so a packed row's MTP
+    loss sums exactly the terms of its documents run alone. An explicit attn_mask (B, 1, T, T)
+    is sliced to each depth instead.
     """
     T = h.size(1)
     next_tokens = labels.clamp(min=0) if callable(next_emb) else None
@@ -78,7 +85,14 @@ def mtp_losses(modules: Iterable[MTPModule], head: nn.Module, h: torch.Tensor, l
             emb = next_emb[:, k - 1:k - 1 + n]
         else:
             emb = next_emb(next_tokens[:, k - 1:k - 1 + n])
-        mask = None if attn_mask is None else attn_mask[..., :n, :n]
+        target = labels[:, k:]
+        if attn_mask is not None:
+            mask = attn_mask[..., :n, :n]
+        else:
+            mask = document_mask(None if position_ids is None else position_ids[:, :n], attention)
+        if position_ids is not None:  # a target in the next document is not this one's to predict
+            doc = document_ids(position_ids)
+            target = target.masked_fill(doc[:, k:] != doc[:, :n], IGNORE_INDEX)
         h = module.norm(module(h[:, :n], emb, c, s, mask))
-        losses.append(cross_entropy(head(h), labels[:, k:]))
+        losses.append(cross_entropy(head(h), target))
     return torch.stack(losses).mean()

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .attention import BACKENDS, document_mask
 from .block import Block
 from .config import ModelConfig
 from .init import init_weights_
@@ -40,6 +41,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_seq_len, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.attention = "sdpa"  # document-mask backend (model/attention.py); set_attention changes it
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -57,6 +59,12 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
+    def set_attention(self, backend: str) -> None:
+        """The backend of document masks: "sdpa" (dense mask, every device) or "flex" (CUDA)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.attention = backend
+
     def _rope(self, T: int, position_ids: torch.Tensor | None):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -66,8 +74,14 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) → last hidden state (B, T, D) before the final norm."""
+        """tokens (B, T) → last hidden state (B, T, D) before the final norm.
+
+        position_ids (B, T) are per-document positions: a 0 starts a document, and attention
+        stays inside documents (model/attention.py) unless attn_mask says otherwise.
+        """
         cos, sin = self._rope(tokens.size(1), position_ids)
+        if attn_mask is None:
+            attn_mask = document_mask(position_ids, self.attention)
         h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin, attn_mask)
@@ -91,5 +105,5 @@ class Transformer(nn.Module):
         if not self.mtp:
             return Losses(main, main.new_zeros(()))
         mtp = mtp_losses(self.mtp.values(), self.head, h, labels, self.embed, self.rope_cos, self.rope_sin,
-                         position_ids, attn_mask)
+                         position_ids, attn_mask, self.attention)
         return Losses(main, mtp)

@@ -10,7 +10,8 @@ specs, as Megatron-DeepSpeed's GPTModelPipe does for GPT:
   the hidden state as an integer tensor (no gradient), because MTP on the last stage embeds the
   next tokens t_{i+k} = labels[:, i+k-1] and DeepSpeed hands the last stage nothing else from
   the batch before the loss function. Position ids travel the same way when the loader makes
-  them (document-aware runs).
+  them (document-aware runs); each block stage rebuilds the document mask from them
+  (model/attention.py), so no (T × T) mask crosses a stage boundary.
 - The MTP modules sit on the last stage with the head; they need the input embedding, which
   lives on the first stage: the second `TiedLayerSpec("embed")` gives the last stage its own
   replica, and DeepSpeed all-reduces the two replicas' gradients after every backward.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.attention import document_mask
 from model.block import Block
 from model.config import ConfigError, ModelConfig
 from model.flops import attention_flops_per_token, block_params
@@ -91,8 +93,9 @@ def _materialise(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str, ex
 
 class BlockPipe(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, seed: int, expert_parallel=None,
-                 checkpointed: bool = False):
+                 checkpointed: bool = False, attention: str = "sdpa"):
         super().__init__()
+        self.attention = attention
         with torch.device("meta"):
             block = Block(layer_id, cfg)
         self.block = _materialise(block, cfg, seed, f"layers.{layer_id}", expert_parallel)
@@ -102,15 +105,17 @@ class BlockPipe(nn.Module):
 
     def forward(self, act: tuple) -> tuple:
         h, labels, *pos = act
-        cos, sin = self.rope.tables(h.size(1), pos[0] if pos else None)
-        return (self.block(h, cos, sin), labels, *pos)
+        position_ids = pos[0] if pos else None
+        cos, sin = self.rope.tables(h.size(1), position_ids)
+        return (self.block(h, cos, sin, document_mask(position_ids, self.attention)), labels, *pos)
 
 
 class OutputPipe(nn.Module):
     """Final norm, head and MTP depths; returns stack([main CE, mean MTP CE])."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, expert_parallel=None):
+    def __init__(self, cfg: ModelConfig, seed: int, expert_parallel=None, attention: str = "sdpa"):
         super().__init__()
+        self.attention = attention
         with torch.device("meta"):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -129,7 +134,7 @@ class OutputPipe(nn.Module):
         if not self.mtp:
             return torch.stack([main, main.new_zeros(())])
         mtp = mtp_losses(self.mtp.values(), self.head, h, labels, next_emb, self.rope.cos, self.rope.sin,
-                         pos[0] if pos else None)
+                         pos[0] if pos else None, attention=self.attention)
         return torch.stack([main, mtp])
 
 
@@ -216,8 +221,10 @@ class PipelineLoss:
 
 def build_pipeline(cfg: ModelConfig, *, pp: int, seed: int, partition: str = "parameters",
                    layer_costs_override: list[float] | None = None, seq_len: int = 0,
-                   activation_checkpoint_interval: int = 0, expert_parallel=None, topology=None):
-    """A DeepSpeed PipelineModule of the model; `expert_parallel` = (group, ep, ep_rank) or None."""
+                   activation_checkpoint_interval: int = 0, expert_parallel=None, topology=None,
+                   attention: str = "sdpa"):
+    """A DeepSpeed PipelineModule of the model; `expert_parallel` = (group, ep, ep_rank) or None;
+    `attention` is the document-mask backend (model/attention.py)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from deepspeed.runtime.activation_checkpointing import checkpointing
@@ -230,10 +237,10 @@ def build_pipeline(cfg: ModelConfig, *, pp: int, seed: int, partition: str = "pa
     parts = spec_parts(balanced_stages(costs, pp), has_mtp)
     ckpt = activation_checkpoint_interval > 0
     specs = [TiedLayerSpec("embed", SharedEmbedding, cfg, seed, forward_fn=embed_inputs)]
-    specs += [LayerSpec(BlockPipe, cfg, i, seed, expert_parallel, ckpt) for i in range(cfg.n_layers)]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed, expert_parallel, ckpt, attention) for i in range(cfg.n_layers)]
     if has_mtp:
         specs.append(TiedLayerSpec("embed", SharedEmbedding, cfg, seed, forward_fn=embed_next_tokens))
-    specs.append(LayerSpec(OutputPipe, cfg, seed, expert_parallel))
+    specs.append(LayerSpec(OutputPipe, cfg, seed, expert_parallel, attention))
 
     class MoEForgePipe(PipelineModule):
         def _partition_layers(self, method="uniform"):

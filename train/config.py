@@ -100,6 +100,13 @@ class Dtype(Choice):
     bf16 = "bf16"
 
 
+class Attention(Choice):
+    """How document masks are computed (model/attention.py); plain causal runs take SDPA's causal path."""
+
+    sdpa = "sdpa"  # a dense (T × T) mask, every device
+    flex = "flex"  # torch flex attention with a block mask (CUDA: no CPU backward)
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
@@ -113,6 +120,7 @@ class TrainerConfig:
     device: Device = Device.auto
     dtype: Dtype = Dtype.auto
     compile: bool = False  # torch.compile each transformer block
+    attention: Attention = Attention.sdpa  # document-mask backend when data.document_aware
     deterministic: bool = False  # deterministic algorithms (parity tests)
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
@@ -320,6 +328,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"trainer.startup_timeout_s={t.startup_timeout_s}: must be >= 0 (0 = no startup watchdog)")
     if t.max_skipped < 1:
         raise ConfigError(f"trainer.max_skipped={t.max_skipped}: must be >= 1")
+    if t.attention == "flex" and cfg.data.document_aware:
+        import torch
+
+        if t.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("trainer.attention=flex: needs a CUDA device (torch's flex attention has no CPU "
+                              "backward); use trainer.attention=sdpa")
     cfg.fp8.validate()
     from parallel.ds_config import check_deepspeed
 

@@ -266,6 +266,7 @@ class EngineStep(StepModule):
 
     def _build_model(self) -> list[nn.Module]:
         self.model = build_model(self.cfg.model, seed=self.cfg.trainer.seed, device=self.device, groups=self.groups)
+        self.model.set_attention(str(self.cfg.trainer.attention))
         self.loss = LossModule(self.model)
         return list(self.model.layers.values())
 
@@ -312,7 +313,7 @@ class PipelineStep(StepModule):
         self.model, self.loss = build_pipeline(
             cfg.model, pp=p.pp, seed=t.seed, partition=p.partition, layer_costs_override=p.layer_costs,
             seq_len=t.seq_len, activation_checkpoint_interval=p.activation_checkpoint_interval,
-            expert_parallel=ep)
+            expert_parallel=ep, attention=str(t.attention))
         if p.ep > 1:
             mark_for_deepspeed(self.model, p.ep, self.groups.ep_group_name)
         return [m.block for m in self.model.modules() if isinstance(m, BlockPipe)]

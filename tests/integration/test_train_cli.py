@@ -56,10 +56,11 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     ("fp8.recipe=nope", "fp8.recipe='nope'"),
     ("parallel.ep_ranks_per_node=2", "parallel.ep_ranks_per_node=2: must divide parallel.ep=1"),
     ("parallel.moe_chunks=0", "parallel.moe_chunks=0: must be >= 1"),
+    ("trainer.attention=flex data.document_aware=true", "trainer.attention=flex: needs a CUDA device"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"
-    r = run_train([f"data.path={dataset}", override, f"hydra.run.dir={run_dir}"], tmp_path)
+    r = run_train([f"data.path={dataset}", *override.split(), f"hydra.run.dir={run_dir}"], tmp_path)
     assert_user_error(r, needle)
     assert not run_dir.exists()  # failed before any output was written
 

@@ -108,7 +108,7 @@ def test_choices_are_their_strings_through_asdict_and_json():
                 yield f"{prefix}{f.name}"
 
     keys = list(choice_keys(Config))
-    assert len(keys) == 7, keys
+    assert len(keys) == 8, keys
     for key in keys:
         choice = choice_type(key)
         assert [m.name for m in choice] == [m.value for m in choice], key  # OmegaConf looks names up
