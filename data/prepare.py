@@ -7,8 +7,17 @@ Documents are read in a fixed order (data/corpus.py), tokenized in parallel by `
 processes in chunks (order kept, at most two chunks in flight per process so memory stays
 flat), each followed by EOS, with fill-in-the-middle where drawn (data/fim.py), and appended
 by the main process to the train or validation writer (data/shard_writer.py). Validation takes
-`val_fraction` of the documents, evenly spread (document i goes to val when
-round((i+1)·f) > round(i·f)), or all of `val_input` when given.
+`val_fraction` of the documents, evenly spread (row r of file k goes to val when
+round((k+r+1)·f) > round((k+r)·f): `val_mask`), or all of `val_input` when given. Validation and
+FIM are keyed on a document's (file, row) identity from data/corpus.py, never on how many
+documents came before it, so they come out the same when the input is split across machines.
+
+Split across machines (`shard_index=i num_shards=n`): this run prepares part i of the input
+(data/corpus.py `Source.part`: a contiguous range of the one-machine order, balanced by bytes,
+cut between files or between rows of a file) into `output/part-0000i-of-0000n/`, a complete
+dataset of its own; `merge=true` (or `python -m data.merge`) then checks the n parts and writes
+`output/manifest.json` over their shards (data/merge.py). The merged splits hold the same
+tokens, in the same order, as one preparation of the whole input.
 
 The byte tokenizer without FIM takes a shorter path with the same output: its "encoding" is a
 copy of the UTF-8 bytes, cheaper than shipping text to a worker and ids back, so the main
@@ -55,7 +64,10 @@ from .tokenizer import encode_documents, load_tokenizer, token_dtype
 
 JOURNAL = ".prepare-progress.json"
 # Options that do not change the bytes written; everything else is part of the run id.
-_NOT_IN_RUN_ID = {"num_proc", "progress", "chunk_chars", "output"}
+_NOT_IN_RUN_ID = {"num_proc", "progress", "chunk_chars", "output", "merge"}
+# Validation selection and FIM are keyed on each document's (file, row) identity (data/corpus.py),
+# not on its running index: part of the run id, so a journal of the older keying is not resumed.
+DOCUMENT_KEYS = "file-row"
 
 
 @dataclass
@@ -79,6 +91,12 @@ class PrepareConfig:
     num_proc: int = 0  # tokenizer processes (0 = one per CPU)
     chunk_chars: int = 1 << 20  # characters per unit of work sent to a process
     progress: bool = True  # progress bar on stderr (when it is a terminal)
+    skip_unknown: bool = False  # skip (and report) files of an unknown type instead of failing
+    hub_streaming: bool = False  # stream a hub dataset over the network instead of loading it offline
+    add_bos: str = "auto"  # BOS before each document: auto (as the tokenizer's config says) | true | false
+    shard_index: int = 0  # this machine's part of the input, 0 … num_shards-1
+    num_shards: int = 1  # parts the input is split into (> 1: writes output/part-IIIII-of-NNNNN)
+    merge: bool = False  # merge the num_shards parts under output into one dataset (prepares nothing)
 
     def validate(self) -> "PrepareConfig":
         if not self.output:
@@ -93,29 +111,54 @@ class PrepareConfig:
         for name in ("max_docs", "max_chars", "num_proc"):
             if getattr(self, name) < 0:
                 raise DataError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.num_shards < 1:
+            raise DataError(f"num_shards={self.num_shards}: must be >= 1")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise DataError(f"shard_index={self.shard_index}: out of range for num_shards={self.num_shards} "
+                            f"(0…{self.num_shards - 1})")
+        if self.add_bos.lower() not in ("auto", "true", "false"):
+            raise DataError(f"add_bos={self.add_bos!r}: must be auto, true or false")
+        if self.num_shards > 1:
+            for name in ("max_docs", "max_chars"):
+                if getattr(self, name):
+                    raise DataError(f"{name}={getattr(self, name)}: counts from the first document of the whole "
+                                    f"input, which a part does not know (num_shards={self.num_shards}); drop it")
         return self
+
+    def part_output(self) -> Path:
+        """Where this preparation writes: output, or output/part-IIIII-of-NNNNN for one of n parts."""
+        out = Path(self.output).expanduser()
+        return out / part_name(self.shard_index, self.num_shards) if self.num_shards > 1 else out
+
+
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
 
 
 # ----------------------------------------------------------------------------- worker side
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer: str, dtype: str, fim_rate: float, seed: int, in_worker: bool = True) -> None:
+def _init_worker(tokenizer: str, dtype: str, fim_rate: float, seed: int, add_bos: str = "auto",
+                 in_worker: bool = True) -> None:
     if in_worker:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (one line)
-    _WORKER.update(tok=load_tokenizer(tokenizer), dtype=np.dtype(dtype), fim_rate=fim_rate, seed=seed)
+    _WORKER.update(tok=load_tokenizer(tokenizer, add_bos=add_bos), dtype=np.dtype(dtype), fim_rate=fim_rate,
+                   seed=seed)
 
 
-def _encode_chunk(job: tuple[int, list[str]]) -> tuple[int, np.ndarray, np.ndarray, int]:
-    first, texts = job
+def _encode_chunk(job: tuple) -> tuple:
+    first, texts, files, rows = job
     tok = _WORKER["tok"]
-    tokens, lengths = encode_documents(tok, texts, first, _WORKER["dtype"], _WORKER["fim_rate"], _WORKER["seed"])
+    tokens, lengths = encode_documents(tok, texts, fim_keys(files, rows), _WORKER["dtype"], _WORKER["fim_rate"],
+                                       _WORKER["seed"])
     if tok.kind == "byte":  # document bytes = tokens minus EOS and FIM sentinels
         nbytes = len(tokens) - int(np.count_nonzero(tokens >= 256))
     else:
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return first, tokens, lengths, nbytes
+    return first, tokens, lengths, nbytes, files, rows
 
 
 class _Workers:
@@ -149,17 +192,20 @@ class _Workers:
             self.pool.join()
 
 
-def _chunks(docs: Iterator[tuple], skip: int, cfg: PrepareConfig) -> Iterator[tuple[int, list]]:
-    """(index of first document, documents) of about chunk_chars characters, from document `skip` on.
+def _chunks(docs: Iterator[tuple], skip: int, cfg: PrepareConfig) -> Iterator[tuple]:
+    """(index of first document, documents, their file numbers, their rows) of about chunk_chars
+    characters, from document `skip` on (indices count this run's documents, for resume).
 
-    `docs` yields (document, its number of characters): (text, len(text)), or (UTF-8 bytes,
-    characters) on the byte path, which chunks exactly as the text path does.
+    `docs` yields (file, row, document, its number of characters): (…, text, len(text)), or
+    (…, UTF-8 bytes, characters) on the byte path, which chunks exactly as the text path does.
     The caps (max_docs, max_chars) count from the first document, skipped ones included, so a
     resumed run stops exactly where the uninterrupted one would.
     """
     index = seen_chars = batch_chars = 0
     batch: list = []
-    for doc, chars in docs:
+    files: list = []
+    rows: list = []
+    for k, r, doc, chars in docs:
         if (cfg.max_docs and index >= cfg.max_docs) or (cfg.max_chars and seen_chars >= cfg.max_chars):
             break
         index += 1
@@ -167,32 +213,51 @@ def _chunks(docs: Iterator[tuple], skip: int, cfg: PrepareConfig) -> Iterator[tu
         if index <= skip:
             continue
         batch.append(doc)
+        files.append(k)
+        rows.append(r)
         batch_chars += chars
         if batch_chars >= cfg.chunk_chars or len(batch) >= 4096:
-            yield index - len(batch), batch
-            batch, batch_chars = [], 0
+            yield index - len(batch), batch, np.asarray(files, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+            batch, files, rows, batch_chars = [], [], [], 0
     if batch:
-        yield index - len(batch), batch
+        yield index - len(batch), batch, np.asarray(files, dtype=np.int64), np.asarray(rows, dtype=np.int64)
 
 
-def _with_chars(texts: Iterator[str]) -> Iterator[tuple[str, int]]:
-    for text in texts:
-        yield text, len(text)
+def _with_chars(records: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, str, int]]:
+    for k, r, text in records:
+        yield k, r, text, len(text)
+
+
+def fim_keys(files: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The FIM key of each document: file · 2³² + row, unique per document and independent of how
+    the input is split (consecutive rows of a file get consecutive keys)."""
+    return (files.astype(np.uint64) << np.uint64(32)) + rows.astype(np.uint64)
+
+
+def val_mask(files: np.ndarray, rows: np.ndarray, fraction: float) -> np.ndarray:
+    """Which documents go to validation: row r of file k when round((k+r+1)·f) > round((k+r)·f).
+
+    Evenly spread within each file (exactly f of a large file's rows), and for one-document
+    files (stdlib, text files) exactly the former rule on the document index, k. It depends only
+    on the document's (file, row), never on what was read before it: the same on one machine
+    and split across many."""
+    idx = (files + rows).astype(np.float64)
+    return np.floor((idx + 1) * fraction + 0.5) > np.floor(idx * fraction + 0.5)
 
 
 def _byte_fast_path(tok, cfg: PrepareConfig) -> bool:
     """The byte tokenizer without FIM needs no worker processes: its encoding is a copy of the
     documents' UTF-8 bytes, cheaper than pickling them to a worker and the ids back."""
-    return tok.kind == "byte" and cfg.fim_rate <= 0
+    return tok.kind == "byte" and cfg.fim_rate <= 0 and not tok.add_bos
 
 
 def _encode_utf8_chunks(tok, src: Source, skip: int, cfg: PrepareConfig,
                         dtype: np.dtype) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
     """The byte path in this process: what `_encode_chunk` returns for the same chunks (same ids,
     lengths and byte counts), from the documents' bytes as read (no str, no pickling)."""
-    for first, docs in _chunks(src.documents_utf8(), skip, cfg):
+    for first, docs, files, rows in _chunks(src.records_utf8(), skip, cfg):
         tokens, lengths = tok.encode_utf8_documents(docs, dtype)
-        yield first, tokens, lengths, len(tokens) - len(lengths)
+        yield first, tokens, lengths, len(tokens) - len(lengths), files, rows
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -230,7 +295,8 @@ def _identity(cfg: PrepareConfig, source: Source, val_source: Source | None, tok
     options = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_RUN_ID}
     ident = {"source": source.identity(), "val_source": val_source.identity() if val_source else None,
              "tokenizer": tok.identity(), "config": options}
-    blob = json.dumps({"format_version": FORMAT_VERSION, **ident}, sort_keys=True).encode()
+    blob = json.dumps({"format_version": FORMAT_VERSION, "document_keys": DOCUMENT_KEYS, **ident},
+                      sort_keys=True).encode()
     ident["run_id"] = hashlib.sha256(blob).hexdigest()
     return ident
 
@@ -268,20 +334,37 @@ def prepare(cfg: PrepareConfig, on_journal: Callable[[dict], None] | None = None
     `on_journal` is called after each journal write (tests use it to simulate a crash).
     """
     cfg.validate()
-    out = Path(cfg.output).expanduser()
-    source = open_source(cfg.input, text_key=cfg.text_key, text_sample_by=cfg.text_sample_by,
-                         hub_split=cfg.hub_split, hub_config=cfg.hub_config)
-    val_source = (open_source(cfg.val_input, key="val_input", text_key=cfg.text_key,
-                              text_sample_by=cfg.text_sample_by, hub_split=cfg.hub_split,
-                              hub_config=cfg.hub_config) if cfg.val_input else None)
-    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.merge:
+        from .merge import merge_prepared
+
+        return merge_prepared(cfg)
+    out = cfg.part_output()
+    common = dict(text_key=cfg.text_key, text_sample_by=cfg.text_sample_by, hub_split=cfg.hub_split,
+                  hub_config=cfg.hub_config, hub_streaming=cfg.hub_streaming, skip_unknown=cfg.skip_unknown)
+    source = open_source(cfg.input, **common)
+    val_source = open_source(cfg.val_input, key="val_input", **common) if cfg.val_input else None
+    for key, src in (("input", source), ("val_input", val_source)):
+        line = src.skipped_line(key) if src is not None else None
+        if line:
+            print(f"note: {line}", file=sys.stderr)
+    if cfg.num_shards > 1:
+        source = source.part(cfg.shard_index, cfg.num_shards)
+        val_source = val_source.part(cfg.shard_index, cfg.num_shards, "val_input") if val_source else None
+    tok = load_tokenizer(cfg.tokenizer, add_bos=cfg.add_bos)
     if cfg.fim_rate > 0 and tok.fim is None:
         raise DataError(f"fim_rate={cfg.fim_rate}: tokenizer={cfg.tokenizer} has no FIM sentinel tokens "
                         "(<|fim_prefix|>, <|fim_middle|>, <|fim_suffix|>)")
     ident = _identity(cfg, source, val_source, tok)
     created_root = not out.exists()
-    with _exclusive(out, created_root):
-        return _run(cfg, out, created_root, source, val_source, tok, ident, on_journal)
+    parent = Path(cfg.output).expanduser()
+    created_parent = cfg.num_shards > 1 and not parent.exists()
+    try:
+        with _exclusive(out, created_root):
+            return _run(cfg, out, created_root, source, val_source, tok, ident, on_journal)
+    except DataError:
+        if created_parent and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+        raise
 
 
 @contextlib.contextmanager
@@ -319,7 +402,7 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
                               state=resume["writers"][s] if resume else None) for s in ("train", "val")}
     progress = _Progress(cfg.progress)
     workers = None if fast else _Workers(cfg.num_proc or os.cpu_count() or 1,
-                                         (cfg.tokenizer, dtype.name, cfg.fim_rate, cfg.seed))
+                                         (cfg.tokenizer, dtype.name, cfg.fim_rate, cfg.seed, cfg.add_bos))
     # Every document ends with EOS, the byte tokenizer's largest id in a shard (pad never appears).
     max_id = tok.eos_id if fast else None
     try:
@@ -334,9 +417,9 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
             if fast:
                 encoded = _encode_utf8_chunks(tok, src, skip, cfg, dtype)
             else:
-                encoded = workers.map(_encode_chunk, _chunks(_with_chars(src.documents()), skip, cfg))
-            for first, tokens, lengths, nbytes in encoded:
-                _route(writers, phase, first, tokens, lengths, 0.0 if val_source else cfg.val_fraction, max_id)
+                encoded = workers.map(_encode_chunk, _chunks(_with_chars(src.records()), skip, cfg))
+            for first, tokens, lengths, nbytes, files, rows in encoded:
+                _route(writers, phase, files, rows, tokens, lengths, 0.0 if val_source else cfg.val_fraction, max_id)
                 progress.update(len(lengths), len(tokens), nbytes)
                 done = sum(len(w.shards) for w in writers.values())
                 if done > shards_done:  # a shard completed: record where we stand
@@ -344,9 +427,10 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
                     state = _journal(out, ident, writers, {"phase": phase, "next_doc": first + len(lengths)})
                     if on_journal:
                         on_journal(state)
-            if phase == "input" and writers["train"].documents == 0:
+            # A part may be empty (more parts than documents); data.merge checks the whole.
+            if phase == "input" and writers["train"].documents == 0 and cfg.num_shards == 1:
                 raise DataError(f"input={cfg.input}: no documents")
-            if phase == "val_input" and writers["val"].documents == 0:
+            if phase == "val_input" and writers["val"].documents == 0 and cfg.num_shards == 1:
                 raise DataError(f"val_input={cfg.val_input}: no documents")
         splits = {s: w.finish() for s, w in writers.items()}
     except BaseException as exc:
@@ -361,6 +445,7 @@ def _run(cfg: PrepareConfig, out: Path, created_root: bool, source: Source, val_
         progress.close()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                "bos_id": tok.bos_id, "add_bos": tok.add_bos,
                 "shard_tokens": cfg.shard_tokens, "tokenizer": ident["tokenizer"], "run_id": ident["run_id"],
                 "source": ident["source"], "val_source": ident["val_source"], "config": ident["config"],
                 "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -384,9 +469,9 @@ def _remove_created(out: Path, created_root: bool, writers) -> None:
     (out / JOURNAL).unlink(missing_ok=True)
 
 
-def _route(writers: dict, phase: str, first: int, tokens: np.ndarray, lengths: np.ndarray, fraction: float,
-           max_id: int | None = None) -> None:
-    """Send each document of a chunk to train or val (order within each split kept).
+def _route(writers: dict, phase: str, files: np.ndarray, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
+           fraction: float, max_id: int | None = None) -> None:
+    """Send each document of a chunk to train or val (order within each split kept; `val_mask`).
 
     `max_id`: the largest id in any document, when known (passed on to the writers)."""
     if phase == "val_input":
@@ -395,8 +480,7 @@ def _route(writers: dict, phase: str, first: int, tokens: np.ndarray, lengths: n
     if fraction <= 0:
         writers["train"].append(tokens, lengths, max_id)
         return
-    idx = np.arange(first, first + len(lengths), dtype=np.float64)
-    is_val = np.floor((idx + 1) * fraction + 0.5) > np.floor(idx * fraction + 0.5)
+    is_val = val_mask(files, rows, fraction)
     if not is_val.any():
         writers["train"].append(tokens, lengths, max_id)
         return
@@ -431,7 +515,12 @@ def main(argv: list[str]) -> int:
     if cfg is None:
         return 0
     manifest = prepare(cfg)
-    print(summary_line(manifest, cfg.output))
+    if cfg.merge:
+        from .merge import merged_line
+
+        print(merged_line(manifest, cfg.output))
+    else:
+        print(summary_line(manifest, str(cfg.part_output())))
     return 0
 
 

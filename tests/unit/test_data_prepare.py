@@ -100,9 +100,11 @@ def test_local_inputs_through_datasets(tmp_path):
     for i, d in enumerate(docs[30:]):
         (folder / "d").mkdir(exist_ok=True)
         (folder / "d" / f"{i:02d}.txt").write_text(d)
-    (folder / "notes.csv").write_text("ignored,file\n")
-    m = prepare_dataset(tmp_path / "ds", input=str(folder), val_fraction=0.0)
-    assert m["source"]["files"] == 13 and m["splits"]["train"]["documents"] == 40
+    (folder / "notes.csv").write_text("ignored,file\n")  # an unknown type: an error unless skip_unknown
+    with pytest.raises(DataError, match="notes.csv: unknown file type"):
+        prepare_dataset(tmp_path / "ds", input=str(folder), val_fraction=0.0)
+    m = prepare_dataset(tmp_path / "ds", input=str(folder), val_fraction=0.0, skip_unknown=True)
+    assert m["source"]["files"] == 13 and m["source"]["skipped"] == 1 and m["splits"]["train"]["documents"] == 40
     assert _decoded(tmp_path / "ds") == docs  # sorted file order, each file's rows in order
     # text files one document per line, and another key
     write_jsonl(tmp_path / "k.jsonl", docs[:5], key="content")
