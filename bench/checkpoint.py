@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import prepare_stdlib  # noqa: E402
+
 # The models of bench/trainer.py; short steps (64 tokens × 2) so that the step-time noise of a
 # shared machine stays small against the save (the checkpoint's size depends on the model only).
 SHORT = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"]
@@ -142,10 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "stdlib"
-        subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={data}", "tokenizer=byte",
-                        "max_chars=3000000", "val_fraction=0.05", "progress=false"], check=True,
-                       capture_output=True)
+        data = prepare_stdlib(Path(tmp) / "stdlib", "max_chars=3000000", "val_fraction=0.05")
         rows = []
         for c in args.configs:
             rows.append(run(c, data, args.saves, args.baseline_steps))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import prepare_stdlib  # noqa: E402
 
 CONFIGS = {
     "smoke": ["model=smoke", "trainer.seq_len=256", "trainer.micro_batch_size=8", "trainer.global_batch_size=16"],
@@ -118,9 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "stdlib"
-        subprocess.run([sys.executable, "-m", "data.prepare", "input=stdlib", f"output={data}", "tokenizer=byte",
-                        "progress=false"], check=True, cwd=Path(__file__).resolve().parent.parent)
+        data = prepare_stdlib(Path(tmp) / "stdlib")
         rows = [run(c, data, args.blocks, args.steps) for c in args.configs]
     print(f"{'config':<8}{'tokens/step':>12}{'trainer tok/s':>15}{'bare loop tok/s':>17}{'ratio':>8}")
     for r in rows:
