@@ -139,11 +139,11 @@ class HFTokenizer:
             auto = self._auto(spec)
         elif path.is_dir() and not (path / "tokenizer.json").is_file():
             auto = self._auto(spec)  # e.g. a sentencepiece folder that transformers converts
-        if auto is not None:
-            raw = auto.backend_tokenizer.to_str().encode("utf-8")
-            file = path if path.exists() else None
+        if auto is not None:  # the cached tokenizer.json when there is one (its bytes are its identity)
+            folder = self._auto_folder(spec, path)
+            file = folder / "tokenizer.json" if folder is not None and (folder / "tokenizer.json").is_file() else None
+            raw = file.read_bytes() if file is not None else auto.backend_tokenizer.to_str().encode("utf-8")
             self.name = spec
-            folder = None
         else:
             file = path / "tokenizer.json" if path.is_dir() else path
             if not file.is_file():
@@ -160,10 +160,9 @@ class HFTokenizer:
         self.sha256 = hashlib.sha256(raw).hexdigest()
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
-        if auto is not None:
-            config = {"eos_token": auto.eos_token, "pad_token": auto.pad_token, "bos_token": auto.bos_token}
-            if getattr(auto, "add_bos_token", None) is not None:
-                config["add_bos_token"] = bool(auto.add_bos_token)
+        if auto is not None:  # its tokenizer_config.json (add_bos_token), special tokens as transformers reads them
+            config = self._config(folder)
+            config.update(eos_token=auto.eos_token, pad_token=auto.pad_token, bos_token=auto.bos_token)
         else:
             config = self._config(folder)
         self.eos_id = self._find(spec, vocab, config.get("eos_token"), _EOS_NAMES, "end-of-document (eos)")
@@ -200,7 +199,22 @@ class HFTokenizer:
         return auto
 
     @staticmethod
-    def _config(folder: Path) -> dict:
+    def _auto_folder(spec: str, path: Path) -> Path | None:
+        if path.is_dir():
+            return path
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(spec, "tokenizer_config.json", local_files_only=True,
+                                _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            return None
+        return Path(found).parent if found else None
+
+    @staticmethod
+    def _config(folder: Path | None) -> dict:
+        if folder is None:
+            return {}
         cfg = folder / "tokenizer_config.json"
         try:
             return json.loads(cfg.read_text()) if cfg.is_file() else {}
