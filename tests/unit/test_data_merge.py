@@ -1,0 +1,156 @@
+"""Preparation split across machines (`shard_index=i num_shards=n`) and `data.merge`: the merged dataset
+holds the same tokens, in the same order, as one preparation; a bad set of parts is refused, naming it."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from data import DataError
+from data.merge import merge
+from data.shards import verify
+from data.stream import TokenStream
+from tests.data_helpers import doc_starts, generated_documents, prepare_dataset, snapshot, stream, write_jsonl
+
+
+def _corpus(tmp_path, kind: str):
+    """A folder of files of very different sizes (cuts fall between and inside files), or one big file."""
+    if kind == "one big file":
+        return write_jsonl(tmp_path / "big.jsonl", generated_documents(300, seed=11))
+    folder = tmp_path / "in"
+    write_jsonl(folder / "a.jsonl", generated_documents(20, seed=1))
+    write_jsonl(folder / "b" / "big.jsonl", generated_documents(200, seed=2))
+    for i, d in enumerate(generated_documents(15, seed=3)):
+        (folder / "c").mkdir(exist_ok=True)
+        (folder / "c" / f"{i:02d}.txt").write_text(d)
+    write_jsonl(folder / "d.jsonl", generated_documents(60, seed=4))
+    return folder
+
+
+def _same_stream(a, b, split):
+    assert np.array_equal(stream(a, split), stream(b, split))
+    assert np.array_equal(doc_starts(a, split), doc_starts(b, split))
+
+
+@pytest.mark.parametrize("kind,opts", [
+    ("folder", dict(val_fraction=0.1, fim_rate=0.3, seed=5)),  # the worker path, FIM and a val split
+    ("one big file", dict(val_fraction=0.043)),  # the byte path; the cuts are row ranges of one file
+])
+def test_three_parts_merged_hold_the_same_tokens_as_one_preparation(tmp_path, kind, opts):
+    src = _corpus(tmp_path, kind)
+    opts = dict(input=str(src), shard_tokens=4099, chunk_chars=3000, **opts)
+    one = prepare_dataset(tmp_path / "one", **opts)
+    for i in (2, 0, 1):  # any order, any machine
+        part = prepare_dataset(tmp_path / "split", shard_index=i, num_shards=3, **opts)
+        assert part["source"]["part"]["index"] == i
+    ranges = [json.loads((tmp_path / "split" / f"part-0000{i}-of-00003" / "manifest.json").read_text())
+              ["source"]["part"] for i in range(3)]
+    if kind == "one big file":
+        assert [r["from"] for r in ranges] == [[0, 0], [0, ranges[1]["from"][1]], [0, ranges[2]["from"][1]]]
+        assert 0 < ranges[1]["from"][1] < ranges[2]["from"][1] < 300  # cut by rows
+    before = snapshot(tmp_path / "split")
+    merged = prepare_dataset(tmp_path / "split", num_shards=3, merge=True, **opts)
+    after = snapshot(tmp_path / "split")
+    assert set(after) - set(before) == {"manifest.json"} and all(after[k] == before[k] for k in before)  # no copies
+    for split in ("train", "val"):
+        _same_stream(tmp_path / "one", tmp_path / "split", split)
+        assert merged["splits"][split]["documents"] == one["splits"][split]["documents"]
+        assert merged["splits"][split]["tokens"] == one["splits"][split]["tokens"]
+    assert one["splits"]["val"]["documents"] > 0
+    verify(tmp_path / "split")  # sizes, hashes and fingerprints of the referenced files
+    s1, s2 = TokenStream(tmp_path / "one"), TokenStream(tmp_path / "split")
+    assert s1.total == s2.total
+    for start in (0, 4098, 4099, s1.total // 2, s1.total - 9000):  # windows across shard and part edges
+        a, b = np.empty(9000, np.int64), np.empty(9000, np.int64)
+        s1.read(start, a)
+        s2.read(start, b)
+        assert np.array_equal(a, b)
+        assert np.array_equal(s1.doc_starts(start, start + 9000), s2.doc_starts(start, start + 9000))
+    assert merged["source"] == {k: v for k, v in one["source"].items()}
+    assert merged["tokenizer"] == one["tokenizer"] and len(merged["parts"]) == 3
+    # data.merge with the part folders named is the same dataset; re-running it is a no-op
+    again = merge([tmp_path / "split" / f"part-0000{i}-of-00003" for i in (1, 0, 2)], tmp_path / "elsewhere")
+    assert again["splits"]["train"]["fingerprint"] == merged["splits"]["train"]["fingerprint"]
+    assert again["splits"]["train"]["shards"][0]["data"]["file"].startswith("../split/part-00000-of-00003/")
+    _same_stream(tmp_path / "one", tmp_path / "elsewhere", "train")
+    assert merge([tmp_path / "split" / f"part-0000{i}-of-00003" for i in range(3)], tmp_path / "elsewhere") == \
+        json.loads((tmp_path / "elsewhere" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    src = write_jsonl(root / "in.jsonl", generated_documents(90, seed=8))
+    opts = dict(input=str(src), shard_tokens=3001, val_fraction=0.1)
+    for i in range(3):
+        prepare_dataset(root / "ds", shard_index=i, num_shards=3, **opts)
+    prepare_dataset(root / "other_tok", shard_index=1, num_shards=3, add_bos="true", **opts)
+    prepare_dataset(root / "other_opt", shard_index=1, num_shards=3, **{**opts, "val_fraction": 0.2})
+    prepare_dataset(root / "four", shard_index=1, num_shards=4, **opts)
+    return root, opts
+
+
+def _part(root, i, n=3, under="ds"):
+    return root / under / f"part-{i:05d}-of-{n:05d}"
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "other tokenizer", "other options",
+                                  "other count", "twice", "not a part"])
+def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, tmp_path, case):
+    root, opts = parts
+    work = tmp_path / "ds"
+    shutil.copytree(root / "ds", work)
+    given = [_part(tmp_path, i) for i in range(3)]
+    if case == "missing":
+        shutil.rmtree(given[1])
+        needles = [str(given[1])]
+    elif case == "corrupt":
+        f = given[2] / "train" / "00000.bin"
+        raw = bytearray(f.read_bytes())
+        raw[100] ^= 0x01
+        f.write_bytes(bytes(raw))
+        needles = [str(f), "SHA-256 mismatch"]
+    elif case == "truncated":
+        f = given[0] / "train" / "00000.bin"
+        f.write_bytes(f.read_bytes()[:-2])
+        needles = [str(f), "bytes"]
+    elif case == "other tokenizer":
+        given[1] = _part(root, 1, under="other_tok")
+        needles = [str(given[1]), "differs"]
+    elif case == "other options":
+        given[1] = _part(root, 1, under="other_opt")
+        needles = [str(given[1]), "val_fraction=0.2"]
+    elif case == "other count":
+        given[1] = _part(root, 1, n=4, under="four")
+        needles = [str(given[1]), "num_shards=4"]
+    elif case == "twice":
+        given[2] = given[0]
+        needles = ["part 0 given twice"]
+    else:
+        prepare_dataset(tmp_path / "whole", input=opts["input"], max_docs=5)
+        given[0] = tmp_path / "whole"
+        needles = [str(tmp_path / "whole"), "not a part"]
+    before = snapshot(work)
+    out = tmp_path / "merged"
+    with pytest.raises(DataError) as info:
+        merge(given, out)
+    msg = str(info.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    assert snapshot(work) == before and not out.exists()
+    if case == "missing":  # through data.prepare merge=true: the part named by number
+        with pytest.raises(DataError, match=r"part-00001-of-00003"):
+            prepare_dataset(work, num_shards=3, merge=True, **opts)
+        assert not (work / "manifest.json").exists()
+
+
+def test_bad_shard_options_are_named_and_write_nothing(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", generated_documents(10, seed=1))
+    for override, needle in ((dict(shard_index=3, num_shards=3), "shard_index=3: out of range for num_shards=3"),
+                             (dict(shard_index=-1, num_shards=2), "shard_index=-1"),
+                             (dict(num_shards=0), "num_shards=0: must be >= 1"),
+                             (dict(num_shards=2, max_docs=5), "max_docs=5"),
+                             (dict(merge=True), "merge=true: needs num_shards > 1")):
+        with pytest.raises(DataError, match=needle):
+            prepare_dataset(tmp_path / "out", input=str(src), **override)
+        assert not (tmp_path / "out").exists()
