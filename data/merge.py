@@ -173,7 +173,12 @@ def merge_prepared(cfg) -> dict:
     out = Path(cfg.output).expanduser()
     if cfg.num_shards < 2:
         raise DataError(f"merge=true: needs num_shards > 1 (the number of parts under output={out})")
-    return merge([out / part_name(i, cfg.num_shards) for i in range(cfg.num_shards)], out)
+    parts = [out / part_name(i, cfg.num_shards) for i in range(cfg.num_shards)]
+    for i, p in enumerate(parts):
+        if not p.is_dir():
+            raise DataError(f"{p}: part {i} of {cfg.num_shards} missing (prepare it with shard_index={i} "
+                            f"num_shards={cfg.num_shards} output={cfg.output})")
+    return merge(parts, out)
 
 
 def merged_line(m: dict, out: str) -> str:

@@ -136,3 +136,57 @@ def test_train_tokenizer_cli(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     proc = run_cli("data.prepare", "input=stdlib", f"output={tmp_path / 'ds'}", f"tokenizer={out}", "max_docs=5")
     assert proc.returncode == 0 and "vocab 300" in proc.stdout
+
+
+def test_sharded_preparation_and_merge_from_the_command_line(tmp_path):
+    """Three `data.prepare … shard_index=i num_shards=3` runs, `data.merge`, `data.verify`: the merged
+    dataset equals one preparation; the skipped-files note is one line; .jsonl.zst is read."""
+    import zstandard
+
+    from tests.data_helpers import doc_starts, stream
+
+    src = tmp_path / "in"
+    for i in range(4):
+        raw = "".join(json.dumps({"text": d}) + "\n" for d in generated_documents(30, seed=i)).encode()
+        (src / f"s{i}").mkdir(parents=True)
+        (src / f"s{i}" / "data.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (src / "README.md").write_text("# card")
+    (src / "LICENSE").write_text("MIT")
+    common = [f"input={src}", "shard_tokens=2000", "val_fraction=0.1", "num_proc=1"]
+    one = run_cli("data.prepare", *common, f"output={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    note = one.stderr.strip().splitlines()
+    assert len(note) == 1 and "skipped 2 files that are not data: LICENSE (licence), README.md (dataset card)" in note[0]
+    for i in range(3):
+        proc = run_cli("data.prepare", *common, f"output={tmp_path / 'split'}", f"shard_index={i}", "num_shards=3")
+        assert proc.returncode == 0, proc.stderr
+        assert f"part-0000{i}-of-00003" in proc.stdout
+    parts = [str(tmp_path / "split" / f"part-0000{i}-of-00003") for i in range(3)]
+    merged = run_cli("data.merge", *parts, f"output={tmp_path / 'split'}")
+    assert merged.returncode == 0 and merged.stdout.startswith("merged 3 parts") and "no bytes copied" in merged.stdout
+    assert run_cli("data.verify", str(tmp_path / "split")).returncode == 0
+    for split in ("train", "val"):
+        assert (stream(tmp_path / "one", split) == stream(tmp_path / "split", split)).all()
+        assert (doc_starts(tmp_path / "one", split) == doc_starts(tmp_path / "split", split)).all()
+    # Hostile: a part missing (exit 2, one line, nothing written), bad shard options.
+    shutil.rmtree(parts[2])
+    out = tmp_path / "merged2"
+    assert_user_error(run_cli("data.merge", *parts[:2], f"output={out}"), "part 2 of 3 missing")
+    assert not out.exists()
+    assert_user_error(run_cli("data.prepare", *common, f"output={tmp_path / 'split'}", "num_shards=3", "merge=true"),
+                      parts[2], "part 2 of 3 missing")
+    assert_user_error(run_cli("data.prepare", *common, f"output={out}", "shard_index=5", "num_shards=3"),
+                      "shard_index=5", "num_shards=3")
+    assert_user_error(run_cli("data.prepare", *common, f"output={out}", "num_shards=0"), "num_shards=0")
+    assert not out.exists()
+
+
+def test_an_unknown_file_type_is_one_line_unless_skipped(tmp_path):
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["one", "two"])
+    (tmp_path / "in" / "table.csv").write_text("a,b\n")
+    out = tmp_path / "out"
+    assert_user_error(run_cli("data.prepare", f"input={tmp_path / 'in'}", f"output={out}"),
+                      str(tmp_path / "in" / "table.csv"), "unknown file type", "skip_unknown=true")
+    assert not out.exists()
+    proc = run_cli("data.prepare", f"input={tmp_path / 'in'}", f"output={out}", "skip_unknown=true", "val_fraction=0")
+    assert proc.returncode == 0 and "table.csv (unknown type)" in proc.stderr and "train 2," in proc.stdout
