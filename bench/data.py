@@ -14,11 +14,18 @@ corpus. Goal: ratio ≥ 0.8. (With the byte tokenizer data.prepare encodes in th
 and writes shards from a thread instead of using num_proc worker processes; the baseline keeps
 its pool of num_proc processes.)
 
+Split preparation: the same input prepared as `--shards` parts one after another on this machine
+(`shard_index=i num_shards=n`: each part lists the input, finds its range, reads and encodes only
+that) plus `data.merge` (manifests, SHA-256 of every part file, the merged manifest; no bytes
+copied), against one preparation of the whole input. Its ratio is the overhead of splitting (on n
+machines the parts run at once, so the wall time is about one part plus the merge). Goal: ≥ 0.9.
+
 Runs alternate pipeline and baseline `--repeats` times; the table shows the best of each.
 
     python bench/data.py                       # both, full stdlib corpus, 128M-token loader set
     python bench/data.py --skip-prepare --tokens 64_000_000
     python bench/data.py --skip-loader --tokenizers byte   # preparation with the byte tokenizer only
+    python bench/data.py --skip-loader --skip-prepare --tokenizers byte   # split preparation + merge only
 """
 
 from __future__ import annotations
@@ -211,6 +218,47 @@ def bench_prepare(args, tmp: Path) -> list[tuple]:
     return rows
 
 
+def bench_sharded(args, tmp: Path) -> list[tuple]:
+    """One preparation of stdlib against `--shards` parts prepared in sequence + merge."""
+    from data.merge import merge
+
+    specs = []
+    wanted = {t.strip() for t in args.tokenizers.split(",")}
+    if "byte" in wanted:
+        specs.append(("byte", "byte"))
+    if "bpe" in wanted:
+        tok_dir = tmp / "bpe-sharded"
+        from data.train_tokenizer import TrainTokenizerConfig, train
+
+        train(TrainTokenizerConfig(input="stdlib", output=str(tok_dir), vocab_size=args.bpe_vocab, max_docs=400))
+        specs.append((str(tok_dir), f"BPE {args.bpe_vocab}"))
+    n = args.shards
+    rows = []
+    for spec, label in specs:
+        best_one = best_split = 0.0
+        common = dict(input="stdlib", tokenizer=spec, num_proc=args.num_proc, progress=False, val_fraction=0.01)
+        for r in range(args.repeats):
+            out = tmp / f"one-{r}"
+            t = time.perf_counter()
+            m = prepare(PrepareConfig(output=str(out), **common))
+            tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
+            best_one = max(best_one, tokens / (time.perf_counter() - t))
+            shutil.rmtree(out)
+            out = tmp / f"split-{r}"
+            t = time.perf_counter()
+            for i in range(n):
+                prepare(PrepareConfig(output=str(out), shard_index=i, num_shards=n, **common))
+            parts = [out / f"part-{i:05d}-of-{n:05d}" for i in range(n)]
+            merged = merge(parts, out)
+            elapsed = time.perf_counter() - t
+            assert merged["splits"]["train"]["tokens"] + merged["splits"]["val"]["tokens"] == tokens
+            best_split = max(best_split, tokens / elapsed)
+            shutil.rmtree(out)
+        rows.append((f"{label}: one data.prepare (baseline)", best_one, 1.0))
+        rows.append((f"{label}: {n} parts in sequence + data.merge", best_split, best_split / best_one))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128_000_000, help="loader dataset size")
@@ -225,6 +273,8 @@ def main() -> None:
     p.add_argument("--compute-ms", type=float, default=2.0, help="simulated compute per batch (prefetch table)")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--skip-prepare", action="store_true")
+    p.add_argument("--shards", type=int, default=3, help="parts of the split-preparation case")
+    p.add_argument("--skip-sharded", action="store_true", help="skip the split preparation + merge case")
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
@@ -246,6 +296,10 @@ def main() -> None:
             print(f"\nPreparation: stdlib ({args.docs or 'all'} files), num_proc {args.num_proc}, "
                   f"best of {args.repeats}")
             _table(bench_prepare(args, tmp), "M tokens/s")
+        if not args.skip_sharded:
+            print(f"\nSplit preparation: stdlib, {args.shards} parts in sequence + data.merge against one "
+                  f"preparation, num_proc {args.num_proc}, best of {args.repeats}")
+            _table(bench_sharded(args, tmp), "M tokens/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
