@@ -10,8 +10,9 @@ Layout of a `data.prepare` output folder::
     val/00000.bin …          the validation split, same format
 
 A split is one token stream: the concatenation of its `.bin` files in order. Every shard holds
-exactly `shard_tokens` tokens except the last of a split, so a document may continue into the
-next shard (its start is recorded only in the shard where it begins). Every document ends
+exactly `shard_tokens` tokens except the last of a split (in a merged dataset, data/merge.py:
+except the last of each part), so a document may continue into the next shard (its start is
+recorded only in the shard where it begins). Readers rely only on each shard's own `tokens`. Every document ends
 with the EOS id. Fixed-size shards keep files equal for parallel I/O and let the loader map a
 global token offset to (shard, offset) with one division-free bisect.
 
@@ -19,14 +20,16 @@ manifest.json keys (format_version 1):
 
 - `format` ("moeforge-tokens"), `format_version` (readers refuse a newer one), `dtype` ("uint16"
   when vocab_size ≤ 65536, else "uint32"), `vocab_size`, `eos_id`, `pad_id` (or null),
-  `shard_tokens`
+  `bos_id` (or null) and `add_bos` (whether each document starts with it), `shard_tokens`
 - `tokenizer`: {kind, name, vocab_size, sha256 of its file (or of the byte tokenizer's spec)}
 - `source`, `val_source`: identity of the input(s) read; `config`: the preparation options;
   `run_id`: hash of everything that determines the output (an output folder holds one run)
 - `splits.<name>`: {tokens, documents, max_token_id, fingerprint, shards: [{tokens, documents,
   data: {file, bytes, sha256}, index: {file, bytes, sha256}}]}; file paths are relative to the
-  folder. `fingerprint` = SHA-256 over the format version, dtype, EOS id and every file hash of
-  the split: the loader's dataset identity (its order depends on it, its state names it).
+  folder — in a merged dataset they point into its parts (`part-00000-of-00003/train/00000.bin`,
+  possibly `../…`), and `parts` lists {path, run_id, manifest_sha256} of each. `fingerprint` =
+  SHA-256 over the format version, dtype, EOS id and every file hash of the split: the loader's
+  dataset identity (its order depends on it, its state names it).
 
 Files are written under `<name>.tmp`, fsynced, and renamed when complete; `manifest.json` is
 written the same way, last. An interrupted run therefore never leaves a file that looks
