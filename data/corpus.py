@@ -105,11 +105,6 @@ def file_format(path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def _builder(path: Path) -> str | None:  # kept for callers of the old name: the format, or None
-    found = file_format(path)
-    return found[0] if found else None
-
-
 def _not_data(rel: str, structured: bool) -> str | None:
     """Why the file at `rel` (relative, '/'-separated) is not data, or None when it may be."""
     parts = rel.split("/")
@@ -573,8 +568,9 @@ class Source:
         if self.kind == "hub" and self.hub_streaming and count > 1:
             raise DataError(f"{key}={self.spec}: a streamed hub dataset cannot be split (num_shards={count}); "
                             "download it and drop hub_streaming")
-        return replace(self, part_range=(self._cut(index, count), self._cut(index + 1, count)),
-                       part_of=(index, count))
+        out = replace(self, part_range=(self._cut(index, count), self._cut(index + 1, count)), part_of=(index, count))
+        out._hub = self._hub  # not a field: replace() does not carry it
+        return out
 
     def _cut(self, t: int, count: int) -> tuple[int, int]:
         """The (file, row) where part t starts (t = count: the end)."""

@@ -166,8 +166,11 @@ def test_a_dataset_by_name_loads_offline_from_the_datasets_cache(tmp_path):
     make = (f"import datasets, shutil; datasets.load_dataset({str(tmp_path / 'tiny')!r}, split='train'); "
             f"shutil.move({str(home / 'datasets' / 'tiny')!r}, {str(home / 'datasets' / 'tester___tiny')!r})")
     script = (f"from data.prepare import PrepareConfig, prepare; "
-              f"prepare(PrepareConfig(input='tester/tiny', output={str(tmp_path / 'ds')!r}, val_fraction=0.0, "
-              f"num_proc=1, progress=False))")
+              f"opts = dict(input='tester/tiny', val_fraction=0.0, num_proc=1, progress=False); "
+              f"prepare(PrepareConfig(output={str(tmp_path / 'ds')!r}, **opts)); "
+              f"[prepare(PrepareConfig(output={str(tmp_path / 'parts')!r}, shard_index=i, num_shards=2, **opts)) "
+              f"for i in (0, 1)]; "
+              f"prepare(PrepareConfig(output={str(tmp_path / 'parts')!r}, num_shards=2, merge=True, **opts))")
     env = {"HF_HOME": str(home), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     for code in (make, script):
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -175,6 +178,9 @@ def test_a_dataset_by_name_loads_offline_from_the_datasets_cache(tmp_path):
     assert _decoded(tmp_path / "ds") == DOCS
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert m["source"]["kind"] == "hub" and m["source"]["rows"] == len(DOCS)
+    assert _decoded(tmp_path / "parts") == DOCS  # split by row ranges of the dataset, then merged
+    assert json.loads((tmp_path / "parts" / "part-00001-of-00002" / "manifest.json").read_text())[
+        "source"]["part"]["from"] == [0, len(DOCS) // 2]
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -36,9 +36,17 @@ def _same_stream(a, b, split):
 @pytest.mark.parametrize("kind,opts", [
     ("folder", dict(val_fraction=0.1, fim_rate=0.3, seed=5)),  # the worker path, FIM and a val split
     ("one big file", dict(val_fraction=0.043)),  # the byte path; the cuts are row ranges of one file
+    ("one big file", dict(val_input="val.parquet")),  # a separate validation input, split the same way
 ])
 def test_three_parts_merged_hold_the_same_tokens_as_one_preparation(tmp_path, kind, opts):
     src = _corpus(tmp_path, kind)
+    if "val_input" in opts:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": generated_documents(50, seed=12)}), tmp_path / "val.parquet",
+                       row_group_size=7)
+        opts = {**opts, "val_input": str(tmp_path / "val.parquet")}
     opts = dict(input=str(src), shard_tokens=4099, chunk_chars=3000, **opts)
     one = prepare_dataset(tmp_path / "one", **opts)
     for i in (2, 0, 1):  # any order, any machine
@@ -67,6 +75,15 @@ def test_three_parts_merged_hold_the_same_tokens_as_one_preparation(tmp_path, ki
         s2.read(start, b)
         assert np.array_equal(a, b)
         assert np.array_equal(s1.doc_starts(start, start + 9000), s2.doc_starts(start, start + 9000))
+    # The loader reads the merged dataset: the same sequences give the same batches, documents included.
+    from data.loader import ShardedTokenLoader
+
+    la = ShardedTokenLoader(tmp_path / "one", 512, 4, 4, 0, 1, seed=0, document_aware=True)
+    lb = ShardedTokenLoader(tmp_path / "split", 512, 4, 4, 0, 1, seed=0, document_aware=True)
+    assert la.num_sequences == lb.num_sequences
+    seqs = np.arange(la.num_sequences)
+    ba, bb = la.read_batch(seqs), lb.read_batch(seqs)
+    assert set(ba) == set(bb) and all((ba[k] == bb[k]).all() for k in ba)
     assert merged["source"] == {k: v for k, v in one["source"].items()}
     assert merged["tokenizer"] == one["tokenizer"] and len(merged["parts"]) == 3
     # data.merge with the part folders named is the same dataset; re-running it is a no-op
