@@ -179,6 +179,59 @@ def _read_whole(name: str) -> bytes:
         os.close(fd)
 
 
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, every frame (files written by `zstd -T`, or concatenated,
+    hold several), and an error on a frame cut short — zstandard's `stream_reader` ends quietly
+    there, which would train on a truncated file without a word."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._zstd = zstandard.ZstdDecompressor()
+        self._obj = self._zstd.decompressobj()
+        self._file = open(path, "rb")
+        self._buf = b""
+        self._pos = 0
+        self._in_frame = False  # bytes of a frame fed and the frame not complete
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while not self._buf and not self._done:
+            data = self._file.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd stream ends inside a frame (truncated file)")
+                self._done = True
+                return
+            out = []
+            while data:
+                out.append(self._obj.decompress(data))
+                self._in_frame = True
+                if self._obj.eof:  # a frame ended: what follows starts the next one
+                    data = self._obj.unused_data
+                    self._obj = self._zstd.decompressobj()
+                    self._in_frame = False
+                else:
+                    data = b""
+            self._buf = b"".join(out)
+
+    def readinto(self, b) -> int:
+        if self._pos == len(self._buf):
+            self._buf, self._pos = b"", 0
+            self._fill()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_stream(path: str, comp: str):
     """A binary file object over the decompressed bytes."""
     if comp == "gzip":
@@ -189,10 +242,10 @@ def _open_stream(path: str, comp: str):
         return lzma.open(path, "rb")
     if comp == "zstd":
         try:
-            import zstandard
+            import zstandard  # noqa: F401  (used by _ZstdReader)
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the `zstandard` package (pip install zstandard)") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 

@@ -20,9 +20,15 @@ them; `parts` records each part's folder, run id and manifest SHA-256. The merge
 therefore travel with its parts (keep them inside it: the default layout). The readers
 (data/stream.py, `data.verify`) need nothing more: shards in a merged split are not all
 `shard_tokens` long (each part's last shard is short), and the stream maps offsets through each
-shard's own length. Megatron's merge_datasets.py concatenates the partitions' `.bin` files into
-a new one (a full copy); we reference them instead, so merging a multi-terabyte corpus takes
-seconds after the hash check.
+shard's own length.
+
+Prior art. Megatron's `tools/preprocess_data.py --partitions` splits the input, tokenizes the
+partitions and `tools/merge_datasets.py` concatenates their `.bin`/`.idx` into new files (a full
+copy). Dolma's `dolma tokens` writes many token files and OLMo's training config simply lists
+them all: no merge step, and nothing checks that the list is complete or consistent. We take
+OLMo's no-copy side — the merged manifest is a list of the parts' files — and add the checks a
+list lacks (every part present once, same tokenizer and options, contiguous ranges, hashes), so
+merging a multi-terabyte corpus costs one read for the hashes and no write but the manifest.
 """
 
 from __future__ import annotations

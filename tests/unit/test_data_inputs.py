@@ -40,6 +40,7 @@ def _decoded(path, split="train"):
     ("d.json", lambda p: p.write_text(json.dumps([{"text": d} for d in DOCS]))),
     ("d.jsonl.gz", lambda p: p.write_bytes(gzip.compress(_jsonl_bytes(DOCS)))),
     ("d.jsonl.zst", lambda p: p.write_bytes(_zstd(_jsonl_bytes(DOCS)))),
+    ("frames.jsonl.zst", lambda p: p.write_bytes(_zstd(_jsonl_bytes(DOCS[:5])) + _zstd(_jsonl_bytes(DOCS[5:])))),
     ("d.json.bz2", lambda p: p.write_bytes(bz2.compress(_jsonl_bytes(DOCS)))),
     ("d.jsonl.xz", lambda p: p.write_bytes(lzma.compress(_jsonl_bytes(DOCS)))),
     ("d.parquet", "parquet"), ("d.arrow", "arrow-stream"), ("e.arrow", "arrow-file"),
@@ -83,6 +84,20 @@ def test_compressed_text_and_source_files_and_a_prepared_round_trip(tmp_path):
     with pytest.raises(DataError, match=r"x\.parquet\.gz: unknown file type"):  # a columnar file is not compressed
         (tmp_path / "x.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
         open_source(str(tmp_path / "x.parquet.gz"))
+
+
+@pytest.mark.parametrize("name,damaged", [
+    ("cut.jsonl.gz", lambda raw: gzip.compress(raw)[:-30]),
+    ("cut.jsonl.zst", lambda raw: _zstd(raw)[:-30]),
+    ("bad.jsonl.xz", lambda raw: b"not xz at all"),
+])
+def test_a_damaged_compressed_file_is_one_line_naming_it(tmp_path, name, damaged):
+    path = tmp_path / name
+    path.write_bytes(damaged(_jsonl_bytes(DOCS * 20)))
+    with pytest.raises(DataError) as info:
+        prepare_dataset(tmp_path / "out", input=str(path))
+    assert str(path) in str(info.value) and "unreadable" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_globs_and_comma_lists(tmp_path):
