@@ -2,6 +2,7 @@
 
 Exit 0 and a one-line summary when every file matches the manifest (size and SHA-256) and,
 with vocab_size, every token id fits the model; otherwise `error: …` naming the file, exit 2.
+A merged dataset (data/merge.py) is checked the same way: its manifest lists the parts' files.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> int:
     files = sum(2 * len(s["shards"]) for s in m["splits"].values())
     tokens = sum(s["tokens"] for s in m["splits"].values())
     print(f"ok: {m['_path']}: {files} files, {tokens:,} tokens, vocab {m['vocab_size']}"
-          + (f" fits vocab_size {cfg.vocab_size}" if cfg.vocab_size else ""))
+          + (f" fits vocab_size {cfg.vocab_size}" if cfg.vocab_size else "")
+          + (f" (merged from {len(m['parts'])} parts)" if m.get("parts") else ""))
     return 0
 
 
