@@ -8,7 +8,9 @@
 
 Checks first, writes last: every part's manifest and files (sizes and, unless hashes=false,
 SHA-256: `data.shards.verify`), then that the parts belong together — the same input listing,
-tokenizer, dtype, EOS and options (all but shard_index), num_shards parts numbered 0…n−1 each
+tokenizer, dtype, EOS and options (all but shard_index; the input and the tokenizer are compared
+by content — file names relative to the input, sizes, the tokenizer's SHA-256 — not by path, so
+each machine may mount them elsewhere), num_shards parts numbered 0…n−1 each
 present once, and each part's input range starting where the previous one's ends, from the
 first document to the last. Any failure is one line naming the part, key or value, exit 2, and
 nothing is written.
@@ -59,10 +61,21 @@ class MergeConfig:
     hashes: bool = True  # check every part file's SHA-256 (false: sizes only)
 
 
+# Compared through content instead (the listing's names and sizes, the tokenizer's SHA-256): each
+# machine may see the input and the tokenizer under its own path.
+_PATHS = {"shard_index", "input", "val_input", "tokenizer"}
+
+
 def _strip_part(ident: dict | None) -> dict | None:
     if ident is None:
         return None
     return {k: v for k, v in ident.items() if k != "part"}
+
+
+def _content(ident: dict | None) -> dict | None:
+    if ident is None:
+        return None
+    return {k: v for k, v in ident.items() if k not in ("part", "path")}
 
 
 def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: bool = True) -> dict:
@@ -92,14 +105,14 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
                 raise DataError(f"{m['_path']}: {key} {m.get(key)!r} differs from {first['_path']}'s "
                                 f"{first.get(key)!r}; prepare every part the same way")
         for key in ("source", "val_source"):
-            if _strip_part(m.get(key)) != _strip_part(first.get(key)):
-                a, b = _strip_part(first.get(key)) or {}, _strip_part(m.get(key)) or {}
+            if _content(m.get(key)) != _content(first.get(key)):
+                a, b = _content(first.get(key)) or {}, _content(m.get(key)) or {}
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise DataError(f"{m['_path']}: {key}.{diff[0] if diff else key} {b.get(diff[0]) if diff else b!r} "
                                 f"differs from {first['_path']}'s {a.get(diff[0]) if diff else a!r}: "
                                 "not parts of the same input")
-        ca = {k: v for k, v in first["config"].items() if k != "shard_index"}
-        cb = {k: v for k, v in m["config"].items() if k != "shard_index"}
+        ca = {k: v for k, v in first["config"].items() if k not in _PATHS}
+        cb = {k: v for k, v in m["config"].items() if k not in _PATHS}
         if ca != cb:
             key = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))[0]
             raise DataError(f"{m['_path']}: option {key}={cb.get(key)!r} differs from {first['_path']}'s "

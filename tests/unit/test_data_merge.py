@@ -108,6 +108,25 @@ def parts(tmp_path_factory):
     return root, opts
 
 
+def test_parts_prepared_from_copies_of_the_input_at_other_paths_merge(parts, tmp_path):
+    """Each machine may mount the corpus elsewhere: the input is compared by content, not path."""
+    root, opts = parts
+    copy = tmp_path / "mnt" / "in.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(opts["input"], copy)
+    prepare_dataset(tmp_path / "ds", shard_index=2, num_shards=3, **{**opts, "input": str(copy)})
+    m = merge([_part(root, 0), _part(root, 1), _part(tmp_path, 2)], tmp_path / "merged")
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 90
+    # A copy with one more document is another input: refused, naming the difference.
+    with copy.open("a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    shutil.rmtree(tmp_path / "ds")
+    prepare_dataset(tmp_path / "ds", shard_index=2, num_shards=3, **{**opts, "input": str(copy)})
+    with pytest.raises(DataError, match=r"source\.bytes .* not parts of the same input"):
+        merge([_part(root, 0), _part(root, 1), _part(tmp_path, 2)], tmp_path / "merged2")
+    assert not (tmp_path / "merged2").exists()
+
+
 def _part(root, i, n=3, under="ds"):
     return root / under / f"part-{i:05d}-of-{n:05d}"
 
