@@ -45,7 +45,7 @@ from pathlib import Path
 
 from . import cli
 from .errors import DataError
-from .shards import FORMAT, FORMAT_VERSION, MANIFEST, fingerprint, read_manifest, verify, write_json_atomic
+from .shards import FORMAT, FORMAT_VERSION, MANIFEST, fingerprint, verify, write_json_atomic
 
 # Manifest keys every part must agree on (config: all but shard_index).
 _SAME = ("format_version", "dtype", "vocab_size", "eos_id", "pad_id", "bos_id", "add_bos", "shard_tokens",

@@ -135,7 +135,6 @@ def part_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
 
 
-
 # ----------------------------------------------------------------------------- worker side
 _WORKER: dict = {}
 

@@ -156,7 +156,8 @@ def test_sharded_preparation_and_merge_from_the_command_line(tmp_path):
     one = run_cli("data.prepare", *common, f"output={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     note = one.stderr.strip().splitlines()
-    assert len(note) == 1 and "skipped 2 files that are not data: LICENSE (licence), README.md (dataset card)" in note[0]
+    assert len(note) == 1
+    assert "skipped 2 files that are not data: LICENSE (licence), README.md (dataset card)" in note[0]
     for i in range(3):
         proc = run_cli("data.prepare", *common, f"output={tmp_path / 'split'}", f"shard_index={i}", "num_shards=3")
         assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from data import DataError
 from data.corpus import open_source
-from data.tokenizer import ByteTokenizer, load_tokenizer
+from data.tokenizer import ByteTokenizer
 from tests.data_helpers import REPO, documents, generated_documents, prepare_dataset, write_jsonl
 
 BYTE = ByteTokenizer()
