@@ -23,9 +23,9 @@ Not data. Inside a folder or glob, files that are not documents are skipped and 
 one line (`Source.skipped`), never trained on: hidden files and folders (`.gitattributes`,
 `.git/`, `.cache/`), licence files (`LICENSE*`, `LICENCE*`, `COPYING*`, `NOTICE*`), the metadata
 of `datasets` (`dataset_info.json`, `state.json`, `dataset_dict.json`, `dataset_infos.json`), and,
-when the input holds files of a structured format (JSON, Parquet, Arrow), the dataset card and
-its companions (`README*`, `CHANGELOG*`, `CITATION*`, …): a folder of only `.md`/`.txt` files is
-text data, README.md included. A file of any other unknown type is an error naming it, unless
+beside or above files of a structured format (JSON, Parquet, Arrow: in the same folder or one
+it contains), the dataset card and its companions (`README*`, `CHANGELOG*`, `CITATION*`, …): a
+folder of only `.md`/`.txt` files is text data, README.md included. A file of any other unknown type is an error naming it, unless
 `skip_unknown=true` (then it is skipped and reported too).
 
 Readers. Files are read by this module, not through `datasets` (as datatrove does: a reader per
@@ -105,8 +105,9 @@ def file_format(path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def _not_data(rel: str, structured: bool) -> str | None:
-    """Why the file at `rel` (relative, '/'-separated) is not data, or None when it may be."""
+def _not_data(rel: str, data_dirs: set[str]) -> str | None:
+    """Why the file at `rel` (relative, '/'-separated) is not data, or None when it may be.
+    `data_dirs`: the folders (relative, '' for the root) holding structured files, and their parents."""
     parts = rel.split("/")
     if any(p.startswith(".") for p in parts):
         return "hidden"
@@ -116,7 +117,8 @@ def _not_data(rel: str, structured: bool) -> str | None:
     stem = name.split(".")[0]
     if stem.startswith(_LICENCE_STEMS):
         return "licence"
-    if structured and stem.startswith(_CARD_STEMS) and (file_format(name) or ("text",))[0] == "text":
+    folder = rel.rpartition("/")[0]
+    if folder in data_dirs and stem.startswith(_CARD_STEMS) and (file_format(name) or ("text",))[0] == "text":
         return "dataset card"
     return None
 
@@ -741,13 +743,21 @@ def open_source(spec: str, *, key: str = "input", text_key: str = "text", text_s
     seen, files, skipped = set(), [], []
     roots = sorted({str(r) for _, r in listed})
     root = Path(os.path.commonpath(roots)) if roots else Path(".")
-    structured = any((file_format(f) or ("",))[0] in STRUCTURED for f, _ in listed)
+    data_dirs: set[str] = set()  # folders holding structured files, and every folder above them
+    for f, _ in listed:
+        if (file_format(f) or ("",))[0] in STRUCTURED:
+            folder = os.path.relpath(f, root).replace(os.sep, "/").rpartition("/")[0]
+            while folder not in data_dirs:
+                data_dirs.add(folder)
+                if not folder:
+                    break
+                folder = folder.rpartition("/")[0]
     for f, _ in listed:
         if f in seen:
             continue
         seen.add(f)
         rel = os.path.relpath(f, root).replace(os.sep, "/")
-        why = None if single else _not_data(rel, structured)
+        why = None if single else _not_data(rel, data_dirs)
         if why is None and f.is_dir():
             why = "hidden"
         if why is None and file_format(f) is None:

@@ -161,6 +161,13 @@ def test_files_that_are_not_data_are_skipped_and_reported_once(tmp_path, capsys)
     (notes / "README.md").write_text("readme as data")
     (notes / "guide.txt").write_text("guide")
     assert list(open_source(str(notes)).documents()) == ["readme as data", "guide"]
+    # "Beside" means the same folder or one above the data files: a README elsewhere stays data.
+    write_jsonl(tmp_path / "mixed" / "web" / "a.jsonl", DOCS[:2])
+    (tmp_path / "mixed" / "web" / "README.md").write_text("card of web")
+    (tmp_path / "mixed" / "notes").mkdir()
+    (tmp_path / "mixed" / "notes" / "README.md").write_text("notes readme")
+    src = open_source(f"{tmp_path / 'mixed' / 'notes'},{tmp_path / 'mixed' / 'web'}")
+    assert list(src.documents()) == ["notes readme", *DOCS[:2]] and src.skipped == [("web/README.md", "dataset card")]
     # An unknown type: one line naming it, unless skip_unknown.
     (repo / "data" / "stats.csv").write_text("a,b\n")
     with pytest.raises(DataError) as info:
