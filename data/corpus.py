@@ -25,8 +25,8 @@ one line (`Source.skipped`), never trained on: hidden files and folders (`.gitat
 of `datasets` (`dataset_info.json`, `state.json`, `dataset_dict.json`, `dataset_infos.json`), and,
 beside or above files of a structured format (JSON, Parquet, Arrow: in the same folder or one
 it contains), the dataset card and its companions (`README*`, `CHANGELOG*`, `CITATION*`, …): a
-folder of only `.md`/`.txt` files is text data, README.md included. A file of any other unknown type is an error naming it, unless
-`skip_unknown=true` (then it is skipped and reported too).
+folder of only `.md`/`.txt` files is text data, README.md included. A file of any other unknown
+type is an error naming it, unless `skip_unknown=true` (then it is skipped and reported too).
 
 Readers. Files are read by this module, not through `datasets` (as datatrove does: a reader per
 format over a plain file list; here json/gzip/bz2/lzma/zstandard and pyarrow): that gives every
@@ -36,13 +36,18 @@ counted, not parsed; Parquet: whole row groups are skipped). data/prepare.py key
 selection and fill-in-the-middle on that identity, so they do not depend on how the input is
 split across machines.
 
-Split across machines (`Source.part(i, n)`): we follow datatrove's file sharding (a rank takes
-its share of a deterministic file list) but, as Megatron's `preprocess_data.py --partitions`
-does for one big file, we also cut inside a file: the files' bytes are laid end to end and cut
-at i·total/n; a cut inside a one-document file moves to the nearer file edge, a cut inside a
-file of rows falls on the row at the same fraction of its rows (rows counted only in the two
-files where this part's cuts fall). So the parts are contiguous ranges of the one-machine order,
-balanced by size, and their concatenation is exactly the whole input.
+Split across machines (`Source.part(i, n)`). The anchors interleave: datatrove gives rank r of
+w the files `list_files()[r::w]` of a sorted listing, and Megatron's `preprocess_data.py
+--partitions` deals the input's lines round-robin into partition files before tokenizing them
+(then `merge_datasets.py` / `merge_file_` concatenates the outputs). Both are deterministic, but
+the concatenation of their parts is not the one-machine order. We keep their determinism and
+their "cut inside a file too" (Megatron's partitions split one big file) but take contiguous
+ranges: the files' bytes are laid end to end and cut at i·total/n; a cut inside a one-document
+file moves to the nearer file edge, a cut inside a file of rows falls on the row at the same
+fraction of its rows (rows counted only in the two files where this part's cuts fall; JSON lines
+are counted, not parsed). So the parts are balanced by size, and part 0, 1, …, n−1 laid end to
+end are exactly the whole input in its one-machine order — what lets data/merge.py produce the
+same dataset as one preparation.
 
 Each source has an `identity()` (what was read, with sizes) that goes into the manifest and
 into the run id that decides whether an interrupted preparation may resume.

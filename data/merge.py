@@ -24,10 +24,11 @@ therefore travel with its parts (keep them inside it: the default layout). The r
 `shard_tokens` long (each part's last shard is short), and the stream maps offsets through each
 shard's own length.
 
-Prior art. Megatron's `tools/preprocess_data.py --partitions` splits the input, tokenizes the
-partitions and `tools/merge_datasets.py` concatenates their `.bin`/`.idx` into new files (a full
-copy). Dolma's `dolma tokens` writes many token files and OLMo's training config simply lists
-them all: no merge step, and nothing checks that the list is complete or consistent. We take
+Prior art. Megatron's `tools/preprocess_data.py --partitions` deals the input's lines into
+partition files, tokenizes them, and concatenates their `.bin`/`.idx` into new files
+(`merge_file_`, as `tools/merge_datasets.py` does: a full copy). Dolma's `dolma tokens` writes
+many token files and OLMo's training config simply lists them all: no merge step, and nothing
+checks that the list is complete or consistent. We take
 OLMo's no-copy side — the merged manifest is a list of the parts' files — and add the checks a
 list lacks (every part present once, same tokenizer and options, contiguous ranges, hashes), so
 merging a multi-terabyte corpus costs one read for the hashes and no write but the manifest.
