@@ -190,3 +190,16 @@ def test_bad_shard_options_are_named_and_write_nothing(tmp_path):
         with pytest.raises(DataError, match=needle):
             prepare_dataset(tmp_path / "out", input=str(src), **override)
         assert not (tmp_path / "out").exists()
+
+
+def test_more_parts_than_documents_leaves_empty_parts_that_merge(tmp_path):
+    for i, d in enumerate(generated_documents(2, seed=4)):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.txt").write_text(d)
+    opts = dict(input=str(tmp_path / "in"), val_fraction=0.0)
+    prepare_dataset(tmp_path / "one", **opts)
+    docs = [prepare_dataset(tmp_path / "split", shard_index=i, num_shards=3, **opts)["splits"]["train"]["documents"]
+            for i in range(3)]
+    assert sorted(docs) == [0, 1, 1]  # a one-document file is never cut: one part is empty
+    prepare_dataset(tmp_path / "split", num_shards=3, merge=True, **opts)
+    _same_stream(tmp_path / "one", tmp_path / "split", "train")
