@@ -203,3 +203,31 @@ def test_more_parts_than_documents_leaves_empty_parts_that_merge(tmp_path):
     assert sorted(docs) == [0, 1, 1]  # a one-document file is never cut: one part is empty
     prepare_dataset(tmp_path / "split", num_shards=3, merge=True, **opts)
     _same_stream(tmp_path / "one", tmp_path / "split", "train")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_part_resumes_and_the_merge_still_equals_one_preparation(tmp_path):
+    src = write_jsonl(tmp_path / "big.jsonl", generated_documents(400, seed=21))
+    opts = dict(input=str(src), shard_tokens=2003, chunk_chars=2000, val_fraction=0.05, fim_rate=0.2, seed=2)
+    prepare_dataset(tmp_path / "one", **opts)
+    calls = []
+
+    def crash_on_second(state):
+        calls.append(state)
+        if len(calls) == 2:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        prepare_dataset(tmp_path / "split", shard_index=1, num_shards=2, on_journal=crash_on_second, **opts)
+    assert len(calls) == 2
+    prepare_dataset(tmp_path / "split", shard_index=0, num_shards=2, **opts)
+    with pytest.raises(DataError, match="part-00001-of-00002.*did not finish"):  # an incomplete part
+        merge([_part(tmp_path, i, 2, "split") for i in range(2)], tmp_path / "split")
+    assert not (tmp_path / "split" / "manifest.json").exists()
+    prepare_dataset(tmp_path / "split", shard_index=1, num_shards=2, num_proc=2, **opts)  # resumes
+    prepare_dataset(tmp_path / "split", num_shards=2, merge=True, **opts)
+    for split in ("train", "val"):
+        _same_stream(tmp_path / "one", tmp_path / "split", split)
