@@ -132,7 +132,7 @@ def _part(root, i, n=3, under="ds"):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "other tokenizer", "other options",
-                                  "other count", "twice", "not a part"])
+                                  "other count", "twice", "not a part", "gap"])
 def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, tmp_path, case):
     root, opts = parts
     work = tmp_path / "ds"
@@ -160,6 +160,12 @@ def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, t
     elif case == "other count":
         given[1] = _part(root, 1, n=4, under="four")
         needles = [str(given[1]), "num_shards=4"]
+    elif case == "gap":  # a part whose recorded range does not start where the previous one ends
+        mf = given[2] / "manifest.json"
+        m = json.loads(mf.read_text())
+        m["source"]["part"]["from"][1] += 1
+        mf.write_text(json.dumps(m))
+        needles = [str(mf), "range starts at"]
     elif case == "twice":
         given[2] = given[0]
         needles = ["part 0 given twice"]
