@@ -56,6 +56,7 @@ into the run id that decides whether an interrupted preparation may resume.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -660,6 +661,36 @@ class Source:
         return (k, r) if r < rows else (k + 1, 0)
 
 
+@contextlib.contextmanager
+def _offline(where: str):
+    """HF_DATASETS_OFFLINE / HF_HUB_OFFLINE for the duration (the environment, and the flags that
+    `datasets` and `huggingface_hub` read when imported), restored afterwards: a training process
+    that prepares on demand keeps its network for everything else."""
+    saved_env = {var: os.environ.get(var) for var in HUB_OFFLINE_ENV}
+    for var in HUB_OFFLINE_ENV:
+        os.environ[var] = "1"
+    try:
+        import datasets.config as dconfig
+        import huggingface_hub.constants as hconst
+    except ImportError:
+        raise DataError(f"{where}: loading a dataset by name needs the `datasets` package") from None
+    flags = [(m, name) for m, names in ((dconfig, ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
+                                       (hconst, ("HF_HUB_OFFLINE",))) for name in names if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name in flags]
+    for m, name in flags:
+        setattr(m, name, True)
+    try:
+        yield
+    finally:
+        for (m, name), value in zip(flags, saved):
+            setattr(m, name, value)
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
 def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
     """Every file under `root`, sorted by relative path; hidden folders are not entered (they are
     reported as one skipped entry each)."""
@@ -732,17 +763,8 @@ def open_source(spec: str, *, key: str = "input", text_key: str = "text", text_s
     if listed is None:  # a dataset name: offline, from a local copy or the datasets cache
         src = Source(spec, "hub", **common)
         if not hub_streaming:
-            for var in HUB_OFFLINE_ENV:
-                os.environ[var] = "1"
-            try:
-                import datasets.config as dconfig  # already imported: its flags were read at import
-
-                dconfig.HF_DATASETS_OFFLINE = True
-                if hasattr(dconfig, "HF_HUB_OFFLINE"):
-                    dconfig.HF_HUB_OFFLINE = True
-            except ImportError:
-                raise DataError(f"{key}={spec}: loading a dataset by name needs the `datasets` package") from None
-            src._load_hub()
+            with _offline(f"{key}={spec}"):
+                src._load_hub()
         return src
     single = "," not in spec and Path(spec).expanduser().is_file()  # one file, named: read as given
     seen, files, skipped = set(), [], []
