@@ -263,25 +263,29 @@ def test_a_tokenizer_by_name_from_the_hub_cache_and_a_missing_one(tmp_path):
     for f in (tmp_path / "saved").iterdir():
         (snap / f.name).write_bytes(f.read_bytes())
     write_jsonl(tmp_path / "in.jsonl", DOCS[:3])
-    code = ("import sys, json; from data.prepare import PrepareConfig, prepare; from data.cli import run; "
-            "from data.prepare import main; sys.exit(run(main))")
+    args = [f"input={tmp_path / 'in.jsonl'}", "val_fraction=0", "num_proc=1"]
+    # One process (transformers imports slowly): the cached name, then a name not in the cache.
+    cached = args + ["tokenizer=tester/tiny-tok", "output=" + str(tmp_path / "a")]
+    missing = args + ["tokenizer=tester/not-cached", "output=" + str(tmp_path / "c")]
+    code = ("import contextlib, io, json; from data.cli import run; from data.prepare import main\n"
+            f"ok = run(main, {cached!r})\nerr = io.StringIO()\n"
+            f"with contextlib.redirect_stderr(err):\n    missing = run(main, {missing!r})\n"
+            "print(json.dumps([ok, missing, err.getvalue()]))")
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    args = [f"input={tmp_path / 'in.jsonl'}", "val_fraction=0", "num_proc=1"]
-    ok = subprocess.run([sys.executable, "-c", code, *args, "tokenizer=tester/tiny-tok", f"output={tmp_path / 'a'}"],
-                        env=env, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ok, missing, err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ok == 0, proc.stderr[-2000:]
     b = prepare_dataset(tmp_path / "b", input=str(tmp_path / "in.jsonl"), tokenizer=str(tmp_path / "saved"),
                         val_fraction=0.0)
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert a["tokenizer"]["name"] == "tester/tiny-tok" and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
     assert a["add_bos"] is True and a["splits"] == b["splits"]  # the same ids, BOS first in each document
     assert int(documents(tmp_path / "a")[0][0]) == vocab["<s>"]
-    missing = subprocess.run([sys.executable, "-c", code, *args, "tokenizer=tester/not-cached",
-                              f"output={tmp_path / 'c'}"], env=env, capture_output=True, text=True)
-    err = missing.stderr.strip()
-    assert missing.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "tokenizer=tester/not-cached" in err and "not in the Hugging Face cache" in err
+    err = err.strip()
+    assert missing == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: tokenizer=tester/not-cached") and "not in the Hugging Face cache" in err
     assert not (tmp_path / "c").exists()
 
 
