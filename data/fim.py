@@ -7,9 +7,11 @@ positions into prefix, middle and suffix, and written as
     <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <eos>
 
 (DeepSeek's sentinels are `<｜fim▁begin｜>`, `<｜fim▁hole｜>`, `<｜fim▁end｜>` in that order).
-The decision and the cut points come from a hash of (seed, document index), not from an RNG
+The decision and the cut points come from a hash of (seed, document key), not from an RNG
 stream, so they do not depend on how documents are batched over processes, and a resumed
-preparation makes the same choices.
+preparation makes the same choices. data.prepare passes each document's key k·2³² + r (file k
+of the sorted input listing, row r in it), so a part prepared on another machine
+(shard_index=…) cuts a document exactly as one preparation of the whole input does.
 """
 
 from __future__ import annotations

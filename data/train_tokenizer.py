@@ -34,6 +34,7 @@ class TrainTokenizerConfig:
     text_sample_by: str = "document"
     hub_split: str = "train"
     hub_config: str = ""
+    skip_unknown: bool = False  # skip (and report) files of an unknown type instead of failing
     max_docs: int = 0  # train on at most this many documents (0 = all)
     max_chars: int = 0  # …or this many characters (0 = all)
     progress: bool = False
@@ -52,7 +53,7 @@ def train(cfg: TrainTokenizerConfig) -> Path:
     if not cfg.output:
         raise DataError("output: required (a folder to write tokenizer.json into)")
     source = open_source(cfg.input, text_key=cfg.text_key, text_sample_by=cfg.text_sample_by,
-                         hub_split=cfg.hub_split, hub_config=cfg.hub_config)
+                         hub_split=cfg.hub_split, hub_config=cfg.hub_config, skip_unknown=cfg.skip_unknown)
     out = Path(cfg.output).expanduser()
     target = out / "tokenizer.json"
     if out.exists() and not out.is_dir():
