@@ -195,12 +195,13 @@ def check_model(world, rank, opts):
     assert n > 20
 
 
-def check_fp8_dispatch(world, rank, per_node):
+def check_fp8_dispatch(world, rank, per_node, backend="emulated", recipe="blockwise"):
     """FP8 dispatch: the same expert outputs, bit for bit, as quantising after the exchange; input
-    gradients equal too; dispatched bytes (1 + 4/128) / 2 of BF16's, combine bytes unchanged."""
+    gradients equal too; dispatched bytes (1 + 4/128) / 2 of BF16's with 1×128 tiles (blockwise),
+    (1 + 4/dim) / 2 with one scale per row (rowwise: torch._scaled_mm), combine bytes unchanged."""
     cfg = ModelConfig(**{**CFG, "dim": 256, "moe_inter_dim": 128}).validate()
     torch.manual_seed(5)
-    with precision(Precision("emulated", "blockwise")):
+    with precision(Precision(backend, recipe)):
         base = MoE(cfg)
     with torch.no_grad():
         for p in base.parameters():
@@ -234,7 +235,8 @@ def check_fp8_dispatch(world, rank, per_node):
     # The weight gradients see the dispatched (dequantised) rows instead of the originals: close, not equal.
     torch.testing.assert_close(w1, w0, rtol=0.1, atol=0.05 * float(w0.abs().max()))
     assert t1.combine_bytes == t0.combine_bytes and t0.dispatch_bytes > 0
-    assert t1.dispatch_bytes * 2 * 256 == t0.dispatch_bytes * (256 + 4 * 2), (t1.dispatch_bytes, t0.dispatch_bytes)
+    scale_bytes = 4 * 2 if recipe == "blockwise" else 4  # float32 scales per 256-wide row
+    assert t1.dispatch_bytes * 2 * 256 == t0.dispatch_bytes * (256 + scale_bytes), (t1.dispatch_bytes, t0.dispatch_bytes)
 
 
 def main():
@@ -251,6 +253,7 @@ def main():
             check_model(world, rank, opts)
         check_gate_gradient(world, rank, {"per_node": per_node, "overlap": True, "chunks": 2})
         check_fp8_dispatch(world, rank, per_node)
+        check_fp8_dispatch(world, rank, per_node, "torch", "rowwise")  # torch._scaled_mm runs on the CPU
     dist.barrier()
     if rank == 0:
         print(f"dispatch checks passed on {world} ranks")
