@@ -73,7 +73,50 @@ IGNORE_INDEX = -100  # labels masked in document-aware mode (model/mtp.py's IGNO
 _PLAN_STEPS, _PLAN_SEQUENCES = 64, 4096
 
 
-class ShardedTokenLoader:
+def check_loader_args(seq_len: int, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                      prefetch_factor: int, num_workers: int) -> None:
+    """DataError naming the first loader argument out of range."""
+    for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
+                        ("global_batch_size", global_batch_size), ("dp_size", dp_size),
+                        ("prefetch_factor", prefetch_factor)):
+        if int(value) < 1:
+            raise DataError(f"{name}={value}: must be >= 1")
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank={dp_rank}: must be in [0, dp_size={dp_size})")
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise DataError(f"global_batch_size={global_batch_size}: not divisible by micro_batch_size="
+                        f"{micro_batch_size} × dp_size={dp_size}")
+    if num_workers < 0:
+        raise DataError(f"num_workers={num_workers}: must be >= 0")
+
+
+class LoaderBase:
+    """What every loader shares: iteration through _Iterator (one live iterator), close, length."""
+
+    num_batches: int | None
+    _active = None  # weakref to the live iterator: loading a state stops it
+
+    def close(self) -> None:
+        """Stop and join the live iterator's reader threads (call before the process exits)."""
+        it = self._active() if self._active else None
+        if it is not None:
+            it.close()
+
+    def __iter__(self):
+        old = self._active() if self._active else None
+        if old is not None:
+            old.close()
+        it = _Iterator(self)
+        self._active = weakref.ref(it)
+        return it
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless loader has no length (set num_batches)")
+        return self.num_batches
+
+
+class ShardedTokenLoader(LoaderBase):
     """Iterate dicts of `input_ids`, `labels` (LongTensor[micro_batch_size, seq_len]) and `index`
     (the sequences' positions in the stream, LongTensor[micro_batch_size]), plus `position_ids`
     and `cu_seqlens` when document_aware; endlessly across epochs unless num_batches is set.
@@ -97,18 +140,8 @@ class ShardedTokenLoader:
     def __init__(self, path, seq_len: int, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, *, split: str = "train", num_workers: int = 0,
                  prefetch_factor: int = 2, document_aware: bool = False, num_batches: int | None = None):
-        for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                            ("global_batch_size", global_batch_size), ("dp_size", dp_size),
-                            ("prefetch_factor", prefetch_factor)):
-            if int(value) < 1:
-                raise DataError(f"{name}={value}: must be >= 1")
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank={dp_rank}: must be in [0, dp_size={dp_size})")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise DataError(f"global_batch_size={global_batch_size}: not divisible by micro_batch_size="
-                            f"{micro_batch_size} × dp_size={dp_size}")
-        if num_workers < 0:
-            raise DataError(f"num_workers={num_workers}: must be >= 0")
+        check_loader_args(seq_len, micro_batch_size, global_batch_size, dp_rank, dp_size, prefetch_factor,
+                          num_workers)
         self.stream = TokenStream(path, split)
         self.path, self.split = str(path), split
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
@@ -192,25 +225,6 @@ class ShardedTokenLoader:
             document_outputs([self.stream] * m, seqs, x, y, batch)
         return batch
 
-    def close(self) -> None:
-        """Stop and join the live iterator's reader threads (call before the process exits)."""
-        it = self._active() if self._active else None
-        if it is not None:
-            it.close()
-
-    def __iter__(self):
-        old = self._active() if self._active else None
-        if old is not None:
-            old.close()
-        it = _Iterator(self)
-        self._active = weakref.ref(it)
-        return it
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an endless loader has no length (set num_batches)")
-        return self.num_batches
-
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"format_version": STATE_VERSION, "fingerprint": self.fingerprint, "split": self.split,
@@ -221,6 +235,9 @@ class ShardedTokenLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (any dp, any micro-batch, any num_workers). DataError names a mismatch."""
         where = f"{self.stream.manifest['_path']} split '{self.split}'"
+        if isinstance(state, dict) and state.get("kind") == "mixture":
+            raise DataError(f"loader state: a mixture of {len(state.get('sources', []))} sources (data.sources); "
+                            f"this run reads one dataset ({where})")
         try:
             version = int(state["format_version"])
             fp, seed, seq_len = state["fingerprint"], int(state["seed"]), int(state["seq_len"])

@@ -30,17 +30,53 @@ from .schedule import OptimConfig, ScheduleConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+class OnExhausted(Choice):
+    """What a mixture source does at its `epochs` cap (data/mixture.py)."""
+
+    next_epoch = "next_epoch"  # continue into its next epoch (the cap is logged)
+    stop = "stop"  # the mixture ends at the last whole global batch before it
+    drop = "drop"  # the source leaves the mixture; the rest are renormalised
+
+
 @dataclass
-class DataConfig:
-    """Where tokens come from. `path` is a `data.prepare` output folder (train/ and val/ shard sets)."""
+class SourceConfig:
+    """One prepared dataset of a weighted mixture (`data.sources`; docs/data.md "Mixtures")."""
 
     path: str = ""
+    weight: float = 1.0  # relative share of sequences (>= 0; 0 = never drawn)
+    name: str = ""  # "" = the folder's basename (made unique); names the metrics tokens/<name>, val_loss/<name>
+    epochs: float = 0.0  # cap in epochs of this source; 0 = none
+    on_exhausted: OnExhausted = OnExhausted.next_epoch
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `path` is a `data.prepare` output folder (train/ and val/ shard sets);
+    `sources` a weighted mixture of such folders (data/mixture.py); set one of the two."""
+
+    path: str = ""
+    sources: list[SourceConfig] = field(default_factory=list)
     # When set and `path` holds no prepared dataset: prepare this input (e.g. "stdlib") with
-    # `tokenizer` first, once, into `path` (or a cache folder when `path` is empty).
+    # `tokenizer` first, once, into `path` (or a cache folder when `path` is empty). Not read with `sources`.
     prepare_input: str = ""
     tokenizer: str = "byte"
     num_workers: int = 1  # background readers; the order of sequences does not depend on it
     document_aware: bool = False  # position ids restart per document; labels never cross one
+
+    def validate(self) -> "DataConfig":
+        """One-line ConfigError for what the types cannot say about a mixture (data/mixture.py checks the rest)."""
+        if self.sources and self.path:
+            raise ConfigError(f"data.path={self.path!r} and data.sources: set one (data.path is the one-source "
+                              "shorthand of data.sources)")
+        if self.sources:
+            from data.errors import DataError
+            from data.mixture import check_sources
+
+            try:
+                check_sources(self.sources)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
+        return self
 
 
 class Partition(Choice):

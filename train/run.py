@@ -26,8 +26,8 @@ from model.config import ConfigError
 STARTS = "starts.jsonl"
 ALLOW_CONFIG_CHANGE = "+run.allow_config_change=true"
 # Keys whose change makes it another run: the model, the data and its order.
-FIXED = ("model.", "data.path", "data.seed", "data.fim", "data.document_aware", "trainer.seed", "trainer.seq_len",
-         "trainer.global_batch_size", "run.")
+FIXED = ("model.", "data.path", "data.sources", "data.seed", "data.fim", "data.document_aware", "trainer.seed",
+         "trainer.seq_len", "trainer.global_batch_size", "run.")
 MAX_SAME_STEP_FAILURES = int(os.environ.get("MOEFORGE_MAX_SAME_STEP_FAILURES", 3))
 
 

@@ -49,6 +49,10 @@ from .step import Coefficients, TrainError, build_step_module
 __all__ = ["Trainer", "TrainError", "Preempted", "Progress"]
 
 
+class DataExhausted(RuntimeError):
+    """The training data ended (a mixture's on_exhausted=stop): the run stops cleanly there."""
+
+
 class Preempted(RuntimeError):
     """A preemption signal arrived; the run saved a checkpoint and must leave (EXIT_PREEMPTED)."""
 
@@ -155,7 +159,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _batch(self) -> dict:
-        batch = next(self.train_iter)
+        try:
+            batch = next(self.train_iter)
+        except StopIteration:  # a mixture that stops (data/mixture.py): the step is not taken
+            reason = getattr(self.train_loader, "exhausted", None) or "the training data ended"
+            raise DataExhausted(reason) from None
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in
                 ("input_ids", "labels", "position_ids")}
 
@@ -232,7 +240,13 @@ class Trainer:
         self.model.train()
         clock = self._loop_clock()
         while self.step < t.max_steps:
-            self.loop_step()
+            try:
+                self.loop_step()
+            except DataExhausted as exc:
+                if self.rank == 0:
+                    print(f"stopping at step {self.step} of trainer.max_steps={t.max_steps}: {exc}", flush=True)
+                clock.summary["stopped"] = str(exc)
+                break
         if c.save_at_end and clock.saved_step != self.step:
             self.save_checkpoint()
         self.checkpointer.flush()  # an asynchronous save in flight is committed before fit returns
@@ -242,27 +256,41 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """val_loss (and val_ppl) on the validation split; with a mixture (the factory returns
+        {name: loader}) also val_loss/<name> per source, and val_loss their mean weighted by the
+        mixture's weights."""
         t = self.cfg.trainer
         self.model.eval()
-        loader = self.val_loader_factory()
-        batches = []
-        try:
-            for i, batch in enumerate(loader):
-                if i >= t.eval_batches:
-                    break
-                batches.append({k: v.to(self.device) for k, v in batch.items()})
-        finally:
-            loader.close()
-        total, n = self.step_module.eval_step(batches)
+        made = self.val_loader_factory()
+        loaders = made if isinstance(made, dict) else {"": made}
+        means = []
+        for loader in loaders.values():
+            batches = []
+            try:
+                for i, batch in enumerate(loader):
+                    if i >= t.eval_batches:
+                        break
+                    batches.append({k: v.to(self.device) for k, v in batch.items()})
+            finally:
+                loader.close()
+            total, n = self.step_module.eval_step(batches)
+            means.append((total / n).reshape(1).to(torch.float64) if n else None)
         self.model.train()
-        if n == 0:
+        if any(m is None for m in means):
             return {}
-        buf = (total / n).reshape(1).to(torch.float64)
+        buf = torch.cat(means)
         if self.world_size > 1:
             dist.all_reduce(buf)
             buf /= self.dp
-        val = buf.item()
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        vals = buf.tolist()
+        if not isinstance(made, dict):
+            val = vals[0]
+            return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        weights = getattr(self.train_loader, "source_weights", None) or {name: 1.0 for name in loaders}
+        total_w = sum(weights[name] for name in loaders)
+        val = sum(weights[name] * v for name, v in zip(loaders, vals)) / total_w
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                **{f"val_loss/{name}": v for name, v in zip(loaders, vals)}}
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -309,6 +337,9 @@ class Trainer:
                "tflops_per_device": M.model_tflops(self.flops_per_token, per_device) if per_device else None,
                "mfu": M.mfu(self.flops_per_token, per_device, peak) if per_device else None,
                "time": time.perf_counter() - clock.start}
+        per_source = getattr(self.train_loader, "tokens_per_source", None)
+        if per_source is not None:  # a mixture: cumulative input tokens per source, from the loader's position
+            rec.update({f"tokens/{name}": n for name, n in per_source().items()})
         rec.update(M.memory_stats(self.device))
         if load.numel():
             rec.update(M.expert_load_summary(load))
