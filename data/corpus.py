@@ -389,7 +389,16 @@ def _arrow_batches(path: str, key: str) -> Iterator:
         raise DataError(f"{path}: cannot open as Arrow ({_reason(exc)})") from None
     if key not in schema.names:
         raise DataError(f"{path}: no field '{key}' (fields: {', '.join(schema.names) or 'none'}); set text_key=…")
-    yield from batches
+    rows = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # a file cut short or damaged after its schema
+            raise DataError(f"{path}: unreadable after {rows} documents ({_reason(exc)})") from None
+        rows += batch.num_rows
+        yield batch
 
 
 def _read_arrow(path: str, key: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:

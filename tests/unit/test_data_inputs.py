@@ -30,6 +30,17 @@ def _zstd(raw: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(raw)
 
 
+def _arrow_stream_bytes(docs) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    table = pa.table({"text": docs})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=len(docs) // 4):
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
 def _decoded(path, split="train"):
     return [BYTE.decode(d[:-1]) for d in documents(path, split)]
 
@@ -90,6 +101,7 @@ def test_compressed_text_and_source_files_and_a_prepared_round_trip(tmp_path):
     ("cut.jsonl.gz", lambda raw: gzip.compress(raw)[:-30]),
     ("cut.jsonl.zst", lambda raw: _zstd(raw)[:-30]),
     ("bad.jsonl.xz", lambda raw: b"not xz at all"),
+    ("cut.arrow", lambda raw: _arrow_stream_bytes(DOCS * 20)[:-300]),  # batches after the schema cut short
 ])
 def test_a_damaged_compressed_file_is_one_line_naming_it(tmp_path, name, damaged):
     path = tmp_path / name
