@@ -111,13 +111,14 @@ def file_format(path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def _not_data(rel: str, data_dirs: set[str]) -> str | None:
+def _not_data(rel: str, data_dirs: set[str], own: str | None = None) -> str | None:
     """Why the file at `rel` (relative, '/'-separated) is not data, or None when it may be.
-    `data_dirs`: the folders (relative, '' for the root) holding structured files, and their parents."""
-    parts = rel.split("/")
-    if any(p.startswith(".") for p in parts):
+    `data_dirs`: the folders (relative, '' for the root) holding structured files, and their parents.
+    `own`: the file relative to the folder or glob it was listed under (hidden is judged there: an
+    entry of a comma list under ~/.cache is not hidden because the entries' common root is ~)."""
+    if any(p.startswith(".") for p in (own or rel).split("/")):
         return "hidden"
-    name = parts[-1].lower()
+    name = rel.split("/")[-1].lower()
     if name in _METADATA_NAMES:
         return "datasets metadata"
     stem = name.split(".")[0]
@@ -788,12 +789,12 @@ def open_source(spec: str, *, key: str = "input", text_key: str = "text", text_s
                 if not folder:
                     break
                 folder = folder.rpartition("/")[0]
-    for f, _ in listed:
+    for f, r in listed:
         if f in seen:
             continue
         seen.add(f)
         rel = os.path.relpath(f, root).replace(os.sep, "/")
-        why = None if single else _not_data(rel, data_dirs)
+        why = None if single else _not_data(rel, data_dirs, os.path.relpath(f, r).replace(os.sep, "/"))
         if why is None and f.is_dir():
             why = "hidden"
         if why is None and file_format(f) is None:

@@ -122,6 +122,11 @@ def test_globs_and_comma_lists(tmp_path):
     assert list(src.documents()) == DOCS[8:] + DOCS[:4]
     src = open_source(str(tmp_path / "**" / "*.jsonl"))  # recursive glob
     assert list(src.documents()) == DOCS
+    # Hidden is judged inside each entry: a folder under ~/.cache is data, whatever the entries' common root.
+    write_jsonl(tmp_path / ".cache" / "ds" / "a.jsonl", DOCS[:2])
+    (tmp_path / ".cache" / "ds" / ".lock").write_text("")
+    src = open_source(f"{tmp_path / '.cache' / 'ds'},{tmp_path / 'in' / 's0.jsonl'}")
+    assert list(src.documents()) == DOCS[:2] + DOCS[:4] and src.skipped == [(".cache/ds/.lock", "hidden")]
     for spec, needle in ((str(tmp_path / "nothing*.jsonl"), "matches nothing"),
                          (f"{tmp_path / 'in' / 's0.jsonl'},{tmp_path / 'gone.jsonl'}", "gone.jsonl: no such file")):
         with pytest.raises(DataError, match=needle):
