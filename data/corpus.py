@@ -703,7 +703,8 @@ def _offline(where: str):
 
 def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
     """Every file under `root`, sorted by relative path; hidden folders are not entered (they are
-    reported as one skipped entry each)."""
+    reported as one skipped entry each). Symlinked folders are entered (a corpus assembled from
+    links is data), each real folder once (a link back up, or a second link to it, adds nothing)."""
     if (root / "dataset_dict.json").is_file():  # a DatasetDict saved to disk: one split of it
         try:
             splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
@@ -714,9 +715,12 @@ def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
                             f"(has: {', '.join(splits) or 'none'}); set hub_split=…")
         return _list_folder(root / hub_split, key, spec, hub_split)
     found = []
-    for folder, dirs, files in os.walk(root):
+    entered = {os.path.realpath(root)}
+    for folder, dirs, files in os.walk(root, followlinks=True):
         hidden = [d for d in dirs if d.startswith(".")]
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        real = [os.path.realpath(os.path.join(folder, d)) for d in dirs]
+        dirs[:] = [d for d, r in zip(dirs, real) if r not in entered and not entered.add(r)]
         found.extend(Path(folder, d) for d in hidden)  # reported, not entered
         found.extend(Path(folder, f) for f in files)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())

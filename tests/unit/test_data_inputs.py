@@ -133,6 +133,16 @@ def test_globs_and_comma_lists(tmp_path):
             open_source(spec)
 
 
+def test_a_symlinked_folder_is_data_and_read_once(tmp_path):
+    write_jsonl(tmp_path / "elsewhere" / "b.jsonl", DOCS[4:])
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:4])
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "in" / "linked2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # the same folder
+    (tmp_path / "elsewhere" / "up").symlink_to(tmp_path / "in", target_is_directory=True)  # a loop
+    src = open_source(str(tmp_path / "in"))
+    assert list(src.documents()) == DOCS and src.skipped == []
+
+
 def test_save_to_disk_folders_read_their_rows_not_their_metadata(tmp_path):
     import datasets
 
