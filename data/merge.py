@@ -87,8 +87,12 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
     manifests = []
     for p in parts:
         m = verify(p, hashes=hashes)
-        if "part" not in (m.get("source") or {}):
+        if not isinstance(m.get("source"), dict) or "part" not in m["source"]:
             raise DataError(f"{m['_path']}: not a part (prepared without num_shards > 1)")
+        for key, value, needs in (("config", m.get("config"), set()),
+                                  ("source.part", m["source"]["part"], {"index", "count", "from", "to"})):
+            if not isinstance(value, dict) or not needs <= set(value):
+                raise DataError(f"{m['_path']}: key '{key}' missing or damaged (not a data.prepare part manifest)")
         manifests.append(m)
     first = manifests[0]
     count = first["source"]["part"]["count"]
@@ -101,6 +105,9 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
         if part["index"] in by_index:
             raise DataError(f"{m['_path']}: part {part['index']} given twice (also {by_index[part['index']]['_path']})")
         by_index[part["index"]] = m
+        if set(m["splits"]) != set(first["splits"]):
+            raise DataError(f"{m['_path']}: splits {sorted(m['splits'])} differ from {first['_path']}'s "
+                            f"{sorted(first['splits'])}")
         for key in _SAME:
             if m.get(key) != first.get(key):
                 raise DataError(f"{m['_path']}: {key} {m.get(key)!r} differs from {first['_path']}'s "
@@ -130,7 +137,9 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
             continue
         end = [0, 0]
         for m in ordered:
-            part = m[key]["part"]
+            part = m[key].get("part")
+            if not isinstance(part, dict) or not {"from", "to"} <= set(part):
+                raise DataError(f"{m['_path']}: key '{key}.part' missing or damaged (not a data.prepare part manifest)")
             if part["from"] != end:
                 raise DataError(f"{m['_path']}: {key} range starts at (file, row) {part['from']}, the previous part "
                                 f"ends at {end}: parts of different splits of the input")
@@ -147,7 +156,9 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
         try:
             old = json.loads(mpath.read_text())
         except ValueError:
-            raise DataError(f"{mpath}: unreadable; delete it or choose another output") from None
+            old = None
+        if not isinstance(old, dict):
+            raise DataError(f"{mpath}: unreadable; delete it or choose another output")
         if old.get("run_id") == manifest["run_id"]:
             return old
         raise DataError(f"output={out}: holds another dataset (run {str(old.get('run_id'))[:12]}…); "

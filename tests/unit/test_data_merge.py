@@ -132,7 +132,8 @@ def _part(root, i, n=3, under="ds"):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "other tokenizer", "other options",
-                                  "other count", "twice", "not a part", "gap"])
+                                  "other count", "twice", "not a part", "gap", "no config", "no val split",
+                                  "output manifest not an object"])
 def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, tmp_path, case):
     root, opts = parts
     work = tmp_path / "ds"
@@ -166,6 +167,19 @@ def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, t
         m["source"]["part"]["from"][1] += 1
         mf.write_text(json.dumps(m))
         needles = [str(mf), "range starts at"]
+    elif case in ("no config", "no val split"):  # a part manifest edited by hand: a line, not a KeyError
+        mf = given[1] / "manifest.json"
+        m = json.loads(mf.read_text())
+        if case == "no config":
+            del m["config"]
+        else:
+            del m["splits"]["val"]
+        mf.write_text(json.dumps(m))
+        needles = [str(mf), "'config'" if case == "no config" else "splits ['train']"]
+    elif case == "output manifest not an object":
+        (tmp_path / "merged").mkdir()
+        (tmp_path / "merged" / "manifest.json").write_text("[1]")
+        needles = [str(tmp_path / "merged" / "manifest.json"), "unreadable"]
     elif case == "twice":
         given[2] = given[0]
         needles = ["part 0 given twice"]
@@ -179,6 +193,9 @@ def test_a_bad_set_of_parts_is_refused_naming_it_and_nothing_is_written(parts, t
         merge(given, out)
     msg = str(info.value)
     assert "\n" not in msg and all(n in msg for n in needles), msg
+    if case == "output manifest not an object":
+        assert (out / "manifest.json").read_text() == "[1]"
+        shutil.rmtree(out)
     assert snapshot(work) == before and not out.exists()
     if case == "missing":  # through data.prepare merge=true: the part named by number
         with pytest.raises(DataError, match=r"part-00001-of-00003"):
