@@ -171,7 +171,7 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
 def _merged_manifest(ordered: list[dict], out: Path) -> dict:
     first = ordered[0]
     splits = {}
-    out_abs = Path(os.path.abspath(out))
+    out_abs = out.resolve()  # as the parts' paths are: a link in output's path must not make them ../real/…
     for name in first["splits"]:
         shards, tokens, documents, max_id = [], 0, 0, -1
         for m in ordered:

@@ -131,6 +131,20 @@ def _part(root, i, n=3, under="ds"):
     return root / under / f"part-{i:05d}-of-{n:05d}"
 
 
+def test_a_merge_through_a_symlinked_output_keeps_part_paths_inside_it(parts, tmp_path):
+    """Parts inside the merged folder stay relative to it (part-…/train/…) when output is named
+    through a link, so the folder can move with its parts."""
+    root, _ = parts
+    shutil.copytree(root / "ds", tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    m = merge([tmp_path / "link" / _part(root, i).name for i in range(3)], tmp_path / "link")
+    files = [s[k]["file"] for sp in m["splits"].values() for s in sp["shards"] for k in ("data", "index")]
+    assert all(f.startswith("part-0000") for f in files) and [p["path"] for p in m["parts"]] == \
+        [_part(root, i).name for i in range(3)]
+    (tmp_path / "real").rename(tmp_path / "moved")
+    verify(tmp_path / "moved")
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "other tokenizer", "other options",
                                   "other count", "twice", "not a part", "gap", "no config", "no val split",
                                   "output manifest not an object"])
