@@ -21,8 +21,9 @@ empty input fails first, with one line. A spec is one of:
 
 Not data. Inside a folder or glob, files that are not documents are skipped and reported in
 one line (`Source.skipped`), never trained on: hidden files and folders (`.gitattributes`,
-`.git/`, `.cache/`), licence files (`LICENSE*`, `LICENCE*`, `COPYING*`, `NOTICE*`), the metadata
-of `datasets` (`dataset_info.json`, `state.json`, `dataset_dict.json`, `dataset_infos.json`), and,
+`.git/`, `.cache/`), licence files (`LICENSE`, `LICENSE-MIT`, `COPYING.txt`, `NOTICE`; never a
+JSON, Parquet or Arrow file), the metadata of `datasets` (`dataset_info.json`, `state.json`,
+`dataset_dict.json`, `dataset_infos.json`), and,
 beside or above files of a structured format (JSON, Parquet, Arrow: in the same folder or one
 it contains), the dataset card and its companions (`README*`, `CHANGELOG*`, `CITATION*`, …): a
 folder of only `.md`/`.txt` files is text data, README.md included. A file of any other unknown
@@ -122,10 +123,12 @@ def _not_data(rel: str, data_dirs: set[str], own: str | None = None) -> str | No
     if name in _METADATA_NAMES:
         return "datasets metadata"
     stem = name.split(".")[0]
-    if stem.startswith(_LICENCE_STEMS):
+    fmt = (file_format(name) or ("text",))[0]
+    # LICENSE, LICENSE-MIT, COPYING.LESSER; not licensed_code.py, noticeboard.md or notices_2020.jsonl
+    if fmt == "text" and re.split(r"[-_ ]", stem)[0].rstrip("s") in _LICENCE_STEMS:
         return "licence"
     folder = rel.rpartition("/")[0]
-    if folder in data_dirs and stem.startswith(_CARD_STEMS) and (file_format(name) or ("text",))[0] == "text":
+    if folder in data_dirs and stem.startswith(_CARD_STEMS) and fmt == "text":
         return "dataset card"
     return None
 

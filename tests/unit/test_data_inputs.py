@@ -182,6 +182,16 @@ def test_files_that_are_not_data_are_skipped_and_reported_once(tmp_path, capsys)
     for needle in ("README.md (dataset card)", "LICENSE (licence)", ".git/ (hidden)", ".gitattributes (hidden)",
                    "dataset_info.json (datasets metadata)", "data/licence.txt (licence)"):
         assert needle in err[0], needle
+    # Licence is a text file's name, not a prefix of any name: these are data.
+    lic = tmp_path / "lic"
+    write_jsonl(lic / "license_plates.jsonl", DOCS[:2])
+    write_jsonl(lic / "notices-2020.jsonl", DOCS[2:4])
+    (lic / "noticeboard.md").write_text("board")
+    (lic / "LICENSE-MIT").write_text("MIT")
+    (lic / "COPYING.LESSER").write_text("LGPL")
+    src = open_source(str(lic))
+    assert list(src.documents()) == [*DOCS[:2], "board", *DOCS[2:4]]
+    assert src.skipped == [("COPYING.LESSER", "licence"), ("LICENSE-MIT", "licence")]
     # A folder of only text files is text data: its README.md is a document.
     notes = tmp_path / "notes"
     notes.mkdir()
