@@ -4,8 +4,8 @@ Modules: errors (UserError, DataError), cli (key=value arguments), durable (atom
 corpus (inputs), tokenizer (byte / Hugging Face), fim (fill-in-the-middle), shards (format,
 manifest, verify), shard_writer (the writer), prepare (the CLI), train_tokenizer (byte-level BPE
 CLI), verify (CLI around shards.verify), permutation (the keyed global order), stream
-(memory-mapped reads), loader (ShardedTokenLoader). The package imports nothing heavy until asked: the
-preparation workers never import torch.
+(memory-mapped reads), loader (ShardedTokenLoader), mixture (MixtureLoader: weighted sources).
+The package imports nothing heavy until asked: the preparation workers never import torch.
 
 For the trainer:
 
@@ -13,11 +13,13 @@ For the trainer:
     manifest = verify(path, vocab_size=model_cfg.vocab_size)      # before training reads anything
     loader = ShardedTokenLoader(path, seq_len, micro_batch_size, global_batch_size, dp_rank, dp_size, seed)
     batch = next(iter(loader)); state = loader.state_dict(); loader.load_state_dict(state)
+    mixture = MixtureLoader([Source(a, 0.7), Source(b, 0.3)], seq_len, micro_batch_size, global_batch_size, …)
 """
 
 from .errors import DataError
 
-__all__ = ["DataError", "ShardedTokenLoader", "verify", "read_manifest", "prepare", "PrepareConfig"]
+__all__ = ["DataError", "ShardedTokenLoader", "MixtureLoader", "Source", "verify", "read_manifest", "prepare",
+           "PrepareConfig"]
 
 
 def __getattr__(name: str):
@@ -25,6 +27,10 @@ def __getattr__(name: str):
         from .loader import ShardedTokenLoader
 
         return ShardedTokenLoader
+    if name in ("MixtureLoader", "Source"):
+        from . import mixture
+
+        return getattr(mixture, name)
     if name in ("verify", "read_manifest"):
         from . import shards
 

@@ -376,13 +376,14 @@ class MixtureLoader(LoaderBase):
         return self.end_reason if stop is not None and self.consumed >= stop else None
 
     def permutation(self, s: int, epoch: int) -> IndexPermutation:
-        key = (s, epoch)
-        if key not in self._perms:
+        """Source s's order of `epoch`: the plain loader's (same key), so one source reads as data.path does."""
+        perm = self._perms.get((s, epoch))  # reader threads share the cache: never read it back after a write
+        if perm is None:
             if len(self._perms) > 4 * len(self.sources):
                 self._perms.clear()
-            keys = derive_keys("moeforge-order-v1", self.fingerprints[s], self.seed, epoch)  # the plain loader's
-            self._perms[key] = IndexPermutation(self.num_sequences[s], keys)
-        return self._perms[key]
+            keys = derive_keys("moeforge-order-v1", self.fingerprints[s], self.seed, epoch)
+            perm = self._perms[(s, epoch)] = IndexPermutation(self.num_sequences[s], keys)
+        return perm
 
     def _segment_of(self, positions: np.ndarray) -> np.ndarray:
         return np.searchsorted([seg.start for seg in self.segments], positions, side="right") - 1
