@@ -79,6 +79,15 @@ def _content(ident: dict | None) -> dict | None:
     return {k: v for k, v in ident.items() if k not in ("part", "path")}
 
 
+def _same_value(key: str, m: dict):
+    """m[key] as the parts must agree on it: the tokenizer without its name (the folder or file it was
+    loaded from, which each machine may call differently; its SHA-256 is what it is)."""
+    value = m.get(key)
+    if key == "tokenizer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name"}
+    return value
+
+
 def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: bool = True) -> dict:
     """Check the parts and write the merged manifest into `output`; return it."""
     if not parts:
@@ -109,7 +118,7 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
             raise DataError(f"{m['_path']}: splits {sorted(m['splits'])} differ from {first['_path']}'s "
                             f"{sorted(first['splits'])}")
         for key in _SAME:
-            if m.get(key) != first.get(key):
+            if _same_value(key, m) != _same_value(key, first):
                 raise DataError(f"{m['_path']}: {key} {m.get(key)!r} differs from {first['_path']}'s "
                                 f"{first.get(key)!r}; prepare every part the same way")
         for key in ("source", "val_source"):

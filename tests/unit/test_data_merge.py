@@ -127,6 +127,23 @@ def test_parts_prepared_from_copies_of_the_input_at_other_paths_merge(parts, tmp
     assert not (tmp_path / "merged2").exists()
 
 
+def test_parts_prepared_with_copies_of_the_tokenizer_at_other_paths_merge(parts, tmp_path):
+    """The tokenizer is compared by content (SHA-256, vocab, EOS/BOS), not by the folder or file it sits in."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root, opts = parts
+    words = sorted({w for d in generated_documents(90, seed=8) for w in d.split()})
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for folder in ("mnt_a/tok", "mnt_b/other_name"):
+        (tmp_path / folder).mkdir(parents=True)
+        tok.save(str(tmp_path / folder / "tokenizer.json"))
+    for i, folder in enumerate(("mnt_a/tok", "mnt_b/other_name", "mnt_a/tok")):
+        prepare_dataset(tmp_path / "ds", shard_index=i, num_shards=3, tokenizer=str(tmp_path / folder), **opts)
+    m = merge([_part(tmp_path, i) for i in range(3)], tmp_path / "merged")
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 90
+
+
 def _part(root, i, n=3, under="ds"):
     return root / under / f"part-{i:05d}-of-{n:05d}"
 
