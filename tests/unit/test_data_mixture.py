@@ -29,7 +29,7 @@ EOS = 256
 
 
 def _marker(root, tag: str, n: int, val_fraction: float = 0.1):
-    docs = [f"{tag}{i:04d}|" * 10 for i in range(n)]
+    docs = [f"{tag}{i:04d}|" * {"A": 10, "B": 7, "C": 13}[tag] for i in range(n)]  # documents of 61, 43, 79 tokens
     write_jsonl(root / f"{tag}.jsonl", docs)
     out = root / tag
     prepare_dataset(out, input=str(root / f"{tag}.jsonl"), shard_tokens=4099, val_fraction=val_fraction)
@@ -38,7 +38,7 @@ def _marker(root, tag: str, n: int, val_fraction: float = 0.1):
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    """Three marker datasets: A (~700 sequences of 31), B (~180), C (~350)."""
+    """Three marker datasets: A (~700 sequences of 31), B (~120), C (~450)."""
     root = tmp_path_factory.mktemp("mixture")
     return {"A": _marker(root, "A", 400), "B": _marker(root, "B", 100), "C": _marker(root, "C", 200)}
 
@@ -152,6 +152,23 @@ def test_one_source_reads_the_plain_loaders_order(corpora):
     for a, b in zip(_batches(via_sources, n + 5), _batches(via_path, n + 5)):
         assert _equal(a, b)
     assert via_sources.state_dict() == via_path.state_dict()
+
+
+def test_document_aware_rows_are_the_plain_loaders_rows_of_their_source(corpora):
+    mix = _mix(corpora, [("A", 0.6), ("B", 0.4)], 1, 2, document_aware=True, num_workers=2)
+    plain = [ShardedTokenLoader(corpora[t], L, MICRO, GLOBAL, 0, 1, seed=7, document_aware=True) for t in "AB"]
+    boundaries = 0
+    for batch in _batches(mix, 40):
+        cu = batch["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == MICRO * L and cu == sorted(set(cu))
+        for row, (s, w) in enumerate(zip(batch["source"].tolist(), batch["index"].tolist())):
+            alone = plain[s].read_batch(np.array([w]))  # the same sequence read by its source's own loader
+            for key in ("input_ids", "labels", "position_ids"):
+                assert torch.equal(batch[key][row], alone[key][0]), key
+            starts = [c - row * L for c in cu if row * L < c < (row + 1) * L]
+            assert starts == [c for c in alone["cu_seqlens"].tolist() if 0 < c < L]
+            boundaries += len(starts)
+    assert boundaries > 40  # documents of 43 and 61 tokens: rows of 31 cross them often
 
 
 POLICY_SPEC = [("A", 0.5, 0.0, "next_epoch"), ("B", 0.3, 1.5, "drop"), ("C", 0.2, 1.0, "stop")]
