@@ -729,6 +729,15 @@ def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _resolved(path: Path) -> Path:
+    """A folder resolved; a file's folder resolved and its own name kept: a file that links to a
+    blob (the Hugging Face hub cache: data/train.parquet -> ../../blobs/<sha>) keeps the name
+    its format is read from."""
+    if path.is_dir():
+        return path.resolve()
+    return path.absolute().parent.resolve() / path.name
+
+
 def _expand(spec: str, key: str, hub_split: str) -> list[tuple[Path, Path]] | None:
     """(file, root it is listed under) for each file named by a local spec, or None when `spec`
     names nothing local."""
@@ -743,7 +752,7 @@ def _expand(spec: str, key: str, hub_split: str) -> list[tuple[Path, Path]] | No
             if not matches:
                 raise DataError(f"{key}={entry}: the pattern matches nothing")
             for m in matches:
-                p = Path(m).resolve()
+                p = _resolved(Path(m))
                 if p.is_dir():
                     out.extend((f, p) for f in _list_folder(p, key, spec, hub_split))
                 else:
@@ -753,7 +762,7 @@ def _expand(spec: str, key: str, hub_split: str) -> list[tuple[Path, Path]] | No
             if len(entries) == 1 and not _looks_local(entry):
                 return None
             raise DataError(f"{key}={entry}: no such file or folder")
-        p = path.resolve()
+        p = _resolved(path)
         if p.is_dir():
             out.extend((f, p) for f in _list_folder(p, key, spec, hub_split))
         else:

@@ -143,6 +143,20 @@ def test_a_symlinked_folder_is_data_and_read_once(tmp_path):
     assert list(src.documents()) == DOCS and src.skipped == []
 
 
+def test_a_file_linked_to_a_blob_is_read_by_its_own_name(tmp_path):
+    """The Hugging Face hub cache: snapshots/<rev>/data/train.jsonl -> ../../../blobs/<sha> (no extension)."""
+    blob = tmp_path / "hub" / "blobs" / "3f9a0c"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(_jsonl_bytes(DOCS))
+    data = tmp_path / "hub" / "snapshots" / "rev" / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").symlink_to("../../../blobs/3f9a0c")
+    for spec in (data / "train.jsonl", tmp_path / "hub" / "snapshots" / "*" / "data" / "*.jsonl",
+                 f"{data / 'train.jsonl'},{data}", tmp_path / "hub" / "snapshots" / "rev"):
+        src = open_source(str(spec))
+        assert src.files == [data / "train.jsonl"] and list(src.documents()) == DOCS, spec
+
+
 def test_save_to_disk_folders_read_their_rows_not_their_metadata(tmp_path):
     import datasets
 
