@@ -46,7 +46,7 @@ from .log import MetricsLogger
 from .schedule import gamma_at, global_batch_at, lr_at, mtp_lambda_at
 from .step import Coefficients, TrainError, build_step_module
 
-__all__ = ["Trainer", "TrainError", "Preempted", "Progress"]
+__all__ = ["Trainer", "TrainError", "Preempted", "DataExhausted", "Progress"]
 
 
 class DataExhausted(RuntimeError):
