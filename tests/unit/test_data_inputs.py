@@ -143,6 +143,23 @@ def test_a_symlinked_folder_is_data_and_read_once(tmp_path):
     assert list(src.documents()) == DOCS and src.skipped == []
 
 
+def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkeypatch):
+    import os
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:2])
+    write_jsonl(tmp_path / "in" / "locked" / "b.jsonl", DOCS[2:])
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests may run as root)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"locked: cannot list \(Permission denied\)"):
+        open_source(str(tmp_path / "in"))
+
+
 def test_a_file_linked_to_a_blob_is_read_by_its_own_name(tmp_path):
     """The Hugging Face hub cache: snapshots/<rev>/data/train.jsonl -> ../../../blobs/<sha> (no extension)."""
     blob = tmp_path / "hub" / "blobs" / "3f9a0c"
