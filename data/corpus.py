@@ -711,8 +711,9 @@ def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
     if (root / "dataset_dict.json").is_file():  # a DatasetDict saved to disk: one split of it
         try:
             splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
-        except ValueError:
+        except (ValueError, AttributeError):  # not JSON, or not an object
             splits = []
+        splits = [str(s) for s in splits] if isinstance(splits, list) else []
         if hub_split not in splits or not (root / hub_split).is_dir():
             raise DataError(f"{key}={spec}: a saved DatasetDict without split '{hub_split}' "
                             f"(has: {', '.join(splits) or 'none'}); set hub_split=…")

@@ -188,6 +188,10 @@ def test_save_to_disk_folders_read_their_rows_not_their_metadata(tmp_path):
     assert list(open_source(str(tmp_path / "dict"), hub_split="test").documents()) == DOCS[:2]
     with pytest.raises(DataError, match="without split 'dev' .has: train, test"):
         open_source(str(tmp_path / "dict"), hub_split="dev")
+    for damaged in ("[]", '{"splits": "train"}'):  # a damaged dataset_dict.json: the same line, not a traceback
+        (tmp_path / "dict" / "dataset_dict.json").write_text(damaged)
+        with pytest.raises(DataError, match="without split 'train' .has: none"):
+            open_source(str(tmp_path / "dict"))
 
 
 def test_files_that_are_not_data_are_skipped_and_reported_once(tmp_path, capsys):
