@@ -800,10 +800,11 @@ def open_source(spec: str, *, key: str = "input", text_key: str = "text", text_s
     seen, files, skipped = set(), [], []
     roots = sorted({str(r) for _, r in listed})
     root = Path(os.path.commonpath(roots)) if roots else Path(".")
-    data_dirs: set[str] = set()  # folders holding structured files, and every folder above them
-    for f, _ in listed:
-        if (file_format(f) or ("",))[0] in STRUCTURED:
-            folder = os.path.relpath(f, root).replace(os.sep, "/").rpartition("/")[0]
+    data_dirs: set[str] = set()  # folders holding structured data files, and every folder above them
+    for f, r in listed:  # (not hidden or metadata ones: a .markdownlint.json does not make README.md a card)
+        rel = os.path.relpath(f, root).replace(os.sep, "/")
+        if (file_format(f) or ("",))[0] in STRUCTURED and not _not_data(rel, set(), os.path.relpath(f, r)):
+            folder = rel.rpartition("/")[0]
             while folder not in data_dirs:
                 data_dirs.add(folder)
                 if not folder:

@@ -233,6 +233,10 @@ def test_files_that_are_not_data_are_skipped_and_reported_once(tmp_path, capsys)
     (notes / "README.md").write_text("readme as data")
     (notes / "guide.txt").write_text("guide")
     assert list(open_source(str(notes)).documents()) == ["readme as data", "guide"]
+    (notes / ".markdownlint.json").write_text("{}")  # a hidden or metadata JSON file is no structured data
+    (notes / "sub").mkdir()
+    (notes / "sub" / "dataset_info.json").write_text("{}")
+    assert list(open_source(str(notes)).documents()) == ["readme as data", "guide"]
     # "Beside" means the same folder or one above the data files: a README elsewhere stays data.
     write_jsonl(tmp_path / "mixed" / "web" / "a.jsonl", DOCS[:2])
     (tmp_path / "mixed" / "web" / "README.md").write_text("card of web")
