@@ -160,6 +160,8 @@ def merge(parts: list[str | os.PathLike], output: str | os.PathLike, hashes: boo
     manifest = _merged_manifest(ordered, out)
     if manifest["splits"]["train"]["documents"] == 0:
         raise DataError(f"input={first['config'].get('input')}: no documents in any of the {count} parts")
+    if first.get("val_source") is not None and manifest["splits"]["val"]["documents"] == 0:  # as one preparation
+        raise DataError(f"val_input={first['config'].get('val_input')}: no documents in any of the {count} parts")
     mpath = out / MANIFEST
     if mpath.is_file():
         try:

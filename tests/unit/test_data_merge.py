@@ -257,6 +257,16 @@ def test_more_parts_than_documents_leaves_empty_parts_that_merge(tmp_path):
     assert sorted(docs) == [0, 1, 1]  # a one-document file is never cut: one part is empty
     prepare_dataset(tmp_path / "split", num_shards=3, merge=True, **opts)
     _same_stream(tmp_path / "one", tmp_path / "split", "train")
+    # A val_input without documents fails the merge as it fails one preparation.
+    (tmp_path / "val.jsonl").write_text("\n\n")
+    opts = dict(input=str(tmp_path / "in"), val_input=str(tmp_path / "val.jsonl"))
+    with pytest.raises(DataError, match="val_input=.*val.jsonl: no documents"):
+        prepare_dataset(tmp_path / "one_val", **opts)
+    for i in range(2):
+        prepare_dataset(tmp_path / "split_val", shard_index=i, num_shards=2, **opts)
+    with pytest.raises(DataError, match="val_input=.*val.jsonl: no documents in any of the 2 parts"):
+        prepare_dataset(tmp_path / "split_val", num_shards=2, merge=True, **opts)
+    assert not (tmp_path / "split_val" / "manifest.json").exists()
 
 
 class _Crash(Exception):
