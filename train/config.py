@@ -279,6 +279,19 @@ def choice_type(key: str) -> type[Choice] | None:
     return node if isinstance(node, type) and issubclass(node, Choice) else None
 
 
+def _list_item_path(schema: type, prefix: str = "") -> dict[type, str]:
+    """Dataclasses that live in list fields of the schema → their path ("data.sources[]"): OmegaConf
+    names a bad field of a list item by its own name only."""
+    out: dict[type, str] = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+            out[args[0]] = f"{prefix}{name}[]"
+        elif dataclasses.is_dataclass(hint):
+            out.update(_list_item_path(hint, f"{prefix}{name}."))
+    return out
+
+
 def format_config_error(exc: BaseException) -> str:
     """One line naming the key at fault, from a Hydra or OmegaConf exception chain."""
     from hydra.errors import MissingConfigException
@@ -295,6 +308,12 @@ def format_config_error(exc: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException):
             key = getattr(seen, "full_key", None)
+            item = _list_item_path(Config).get(getattr(seen, "object_type", None))
+            if key and item and "." not in key:  # a field of a list item (data.sources[].on_exhausted)
+                hint = typing.get_type_hints(seen.object_type).get(key)
+                if isinstance(hint, type) and issubclass(hint, Choice):
+                    return f"{item}.{key}={seen.value!r}: must be one of {', '.join(hint)}"
+                key = f"{item}.{key}"
             choice = choice_type(key) if key else None
             if choice is not None:
                 return f"{key}={seen.value!r}: must be one of {', '.join(choice)}"
@@ -336,6 +355,7 @@ def validate(cfg: Config) -> Config:
     t, p = cfg.trainer, cfg.parallel
     cfg.optim.validate()
     cfg.schedule.validate()
+    cfg.data.validate()
     cfg.logging.validate()
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_interval"):
         if getattr(t, name) <= 0:

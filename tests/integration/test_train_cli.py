@@ -56,11 +56,16 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     ("fp8.recipe=nope", "fp8.recipe='nope'"),
     ("parallel.ep_ranks_per_node=2", "parallel.ep_ranks_per_node=2: must divide parallel.ep=1"),
     ("parallel.moe_chunks=0", "parallel.moe_chunks=0: must be >= 1"),
-    ("trainer.attention=flex data.document_aware=true", "trainer.attention=flex: needs a CUDA device"),
+    (["trainer.attention=flex", "data.document_aware=true"], "trainer.attention=flex: needs a CUDA device"),
+    ("data.sources=[{path: /a, on_exhausted: bogus}]", "data.sources[].on_exhausted='bogus': must be one of"),
+    ("data.sources=[{path: /a, weight: -1}]", "data.sources[0].weight=-1.0: must be a finite number >= 0"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"
-    r = run_train([f"data.path={dataset}", *override.split(), f"hydra.run.dir={run_dir}"], tmp_path)
+    args = override if isinstance(override, list) else [override]
+    if not args[0].startswith("data.sources"):
+        args = [f"data.path={dataset}", *args]
+    r = run_train([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     assert_user_error(r, needle)
     assert not run_dir.exists()  # failed before any output was written
 
