@@ -327,7 +327,7 @@ def _text_pieces(raw: bytes, sample_by: str) -> list[str]:
         return [text]
     if sample_by == "line":
         return [line for line in text.splitlines() if line.strip()]
-    return [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    return [p.strip("\r\n") for p in re.split(r"\n[ \t\r]*\n", text) if p.strip()]  # \r: CRLF files too
 
 
 def _read_text(path: str, comp: str, sample_by: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:

@@ -97,6 +97,16 @@ def test_compressed_text_and_source_files_and_a_prepared_round_trip(tmp_path):
         open_source(str(tmp_path / "x.parquet.gz"))
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_text_by_paragraph_and_by_line_with_either_line_ending(tmp_path, newline):
+    text = "para one\nline two\n\npara two\n \n\npara three\n".replace("\n", newline)
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    paragraphs = list(open_source(str(tmp_path / "t.txt"), text_sample_by="paragraph").documents())
+    assert paragraphs == [f"para one{newline}line two", "para two", "para three"]
+    lines = list(open_source(str(tmp_path / "t.txt"), text_sample_by="line").documents())
+    assert lines == ["para one", "line two", "para two", "para three"]
+
+
 @pytest.mark.parametrize("name,damaged", [
     ("cut.jsonl.gz", lambda raw: gzip.compress(raw)[:-30]),
     ("cut.jsonl.zst", lambda raw: _zstd(raw)[:-30]),
