@@ -718,6 +718,7 @@ def _list_folder(root: Path, key: str, spec: str, hub_split: str) -> list[Path]:
             raise DataError(f"{key}={spec}: a saved DatasetDict without split '{hub_split}' "
                             f"(has: {', '.join(splits) or 'none'}); set hub_split=…")
         return _list_folder(root / hub_split, key, spec, hub_split)
+
     def unreadable(exc: OSError):  # os.walk's default skips a folder it cannot list, and its files with it
         raise DataError(f"{key}={spec}: {exc.filename}: cannot list ({exc.strerror or exc})")
 
