@@ -20,10 +20,14 @@ holds at most one point: quotas sum to BLOCK, and every block of 1,000 positions
 points are equidistributed, so a source's extra slots come at rate f_s with a discrepancy
 that grows only like log(b): no drift over a run. How many draws of s precede block b is a
 floor sum (Σ ⌊(a·i + c)/M⌋, computed in O(log M) by the Euclid-like reduction), so any
-position is located in O(1) blocks, never by replaying. Inside a block the slots are shuffled
-by a keyed bijection of [0, 1000) (data/permutation.py) keyed by the mixture (seed,
-fingerprints, integer weights) and the block, so ranks and micro-batches see a mixed stream
-rather than a periodic pattern. Draws of a source are numbered in position order; its k-th
+position is located in O(1) blocks, never by replaying. Inside a block each source's slots
+are spread evenly: its k-th slot is due at (k + ½)/q_s of the block and slots go out in due
+order (ties broken by a seeded per-block order of the sources), so any 1,000 consecutive
+positions — aligned or straddling two blocks — hold each source within about two sequences of
+its share (one for two sources), and every global batch carries the mixture's proportions.
+(A seeded shuffle inside each block, the first version, kept the aligned windows exact but let
+a window across two blocks drift by tens of sequences; the sequences of each source are
+shuffled by its own permutation anyway.) Draws of a source are numbered in position order; its k-th
 draw is sequence perm_e(k mod N_s) of epoch e = k // N_s, where perm_e is the source's own
 keyed permutation (the plain loader's key: fingerprint, seed, epoch), so each source is read
 exactly once per epoch, and a one-source mixture reads the plain loader's order within an
@@ -61,7 +65,7 @@ run length, and no randomness in the interleaving. OLMo-core's source mixtures
 per-source token budget (with a maximum repetition factor), then sample and materialise the
 chosen instances: the mixture is fixed by the planned length. We follow Megatron's idea — a
 deterministic allocation that keeps every source within one sample of its target — at block
-granularity, in closed form, with a seeded shuffle inside each block, so there is nothing to
+granularity, in closed form, with each block's slots spread evenly, so there is nothing to
 build or cache, resume is O(1) from one integer, and the order does not depend on the run's
 length or layout; OLMo-core's per-source repetition cap becomes `epochs` with an explicit
 policy for what happens when it is reached.
@@ -213,9 +217,16 @@ class _Segment:
                            dtype=np.int64)
         assert quota.sum() == BLOCK
         first = np.concatenate([[0], np.cumsum(quota)])
+        # Spread each source's slots evenly over the block: its k-th slot is due at (k + ½)/q_s of
+        # the block, and slots go out in due order (ties: a per-block seeded order of the sources).
+        # Any window of consecutive positions, inside a block or across two, then holds within
+        # about two sequences of its share, and every global batch carries the mixture's mix.
+        owner = np.repeat(np.arange(len(quota)), quota)
+        k = np.arange(BLOCK) - first[owner]
+        due = (2 * k + 1) / (2.0 * quota[owner])  # distinct rationals ≥ 1/(2·BLOCK)² apart: exact order
         keys = mix64(self.keys ^ mix64(np.full(len(self.keys), b, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
-        rank = IndexPermutation(BLOCK, keys)(np.arange(BLOCK))
-        src = np.searchsorted(first, rank, side="right") - 1
+        tie = mix64(np.arange(len(quota), dtype=np.uint64) ^ keys[0])
+        src = owner[np.lexsort((tie[owner], due))]
         order = np.argsort(src, kind="stable")  # slots of each source in position order
         occ = np.empty(BLOCK, dtype=np.int64)
         occ[order] = np.arange(BLOCK) - first[src[order]]
