@@ -280,7 +280,7 @@ def _json_lines(path: str, comp: str) -> Iterator[bytes]:
     """The non-blank lines of a JSON-lines file (a JSON array file: its elements, re-encoded)."""
     with _open_stream(path, comp) as f:
         first = f.peek(64)[:64] if hasattr(f, "peek") else b""
-        if first.lstrip()[:1] == b"[":
+        if first.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # a UTF-8 byte-order mark may lead
             try:
                 rows = json.loads(f.read())
             except ValueError as exc:

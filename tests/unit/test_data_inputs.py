@@ -49,6 +49,8 @@ def _decoded(path, split="train"):
     ("d.jsonl", lambda p: p.write_bytes(_jsonl_bytes(DOCS))),
     ("d.ndjson", lambda p: p.write_bytes(b"\n" + _jsonl_bytes(DOCS) + b"\n\n")),  # blank lines are not rows
     ("d.json", lambda p: p.write_text(json.dumps([{"text": d} for d in DOCS]))),
+    ("bom.json", lambda p: p.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": d} for d in DOCS]).encode())),
+    ("bom.jsonl", lambda p: p.write_bytes(b"\xef\xbb\xbf" + _jsonl_bytes(DOCS))),  # as Windows tools write them
     ("d.jsonl.gz", lambda p: p.write_bytes(gzip.compress(_jsonl_bytes(DOCS)))),
     ("d.jsonl.zst", lambda p: p.write_bytes(_zstd(_jsonl_bytes(DOCS)))),
     ("frames.jsonl.zst", lambda p: p.write_bytes(_zstd(_jsonl_bytes(DOCS[:5])) + _zstd(_jsonl_bytes(DOCS[5:])))),
