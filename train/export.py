@@ -132,6 +132,8 @@ def tokenizer_files(meta: dict, model_max_length: int) -> tuple[dict[str, bytes]
     if not data:
         _warn("trainer.json records no data config: no tokenizer or generation_config.json written")
         return {}, None
+    if data.get("sources") and not data.get("path"):  # a mixture: its sources share one tokenizer
+        data = {**{k: v for k, v in data.items() if k != "sources"}, "path": data["sources"][0]["path"]}
     try:
         path = dataset_path(SimpleNamespace(data=SimpleNamespace(**{"path": "", "prepare_input": "",
                                                                     "tokenizer": "byte", **data})))
@@ -150,6 +152,10 @@ def tokenizer_files(meta: dict, model_max_length: int) -> tuple[dict[str, bytes]
         return byte_tokenizer_files(model_max_length), gen
     spec = (manifest.get("config") or {}).get("tokenizer", "")
     file = Path(spec).expanduser()
+    if not file.exists() and spec:  # a name data.prepare found in the Hugging Face cache
+        from data.tokenizer import HFTokenizer
+
+        file = HFTokenizer._auto_folder(spec, file) or file
     file = file / "tokenizer.json" if file.is_dir() else file
     if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != ident.get("sha256"):
         why = "no longer exists" if not file.is_file() else "has changed since data.prepare read it"

@@ -358,12 +358,16 @@ def test_a_tokenizer_by_name_from_the_hub_cache_and_a_missing_one(tmp_path):
     code = ("import contextlib, io, json; from data.cli import run; from data.prepare import main\n"
             f"ok = run(main, {cached!r})\nerr = io.StringIO()\n"
             f"with contextlib.redirect_stderr(err):\n    missing = run(main, {missing!r})\n"
-            "print(json.dumps([ok, missing, err.getvalue()]))")
+            # train.export finds the tokenizer's files by the same name (the run's data manifest)
+            "from train.export import tokenizer_files\n"
+            f"files, _ = tokenizer_files({{'config': {{'data': {{'sources': [{{'path': {str(tmp_path / 'a')!r}}}]}}}}}}, 64)\n"
+            "print(json.dumps([ok, missing, err.getvalue(), sorted(files)]))")
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ok, missing, err = json.loads(proc.stdout.strip().splitlines()[-1])
+    ok, missing, err, exported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "tokenizer.json" in exported and "tokenizer_config.json" in exported, exported
     assert ok == 0, proc.stderr[-2000:]
     b = prepare_dataset(tmp_path / "b", input=str(tmp_path / "in.jsonl"), tokenizer=str(tmp_path / "saved"),
                         val_fraction=0.0)
