@@ -191,15 +191,7 @@ def bench_prepare(args, tmp: Path) -> list[tuple]:
             chunks.append(cur)
             cur, chars = [], 0
     chunks.append(cur)
-    specs, wanted = [], {t.strip() for t in args.tokenizers.split(",")}
-    if "byte" in wanted:
-        specs.append(("byte", "byte"))
-    if "bpe" in wanted:
-        tok_dir = tmp / "bpe"
-        from data.train_tokenizer import TrainTokenizerConfig, train
-
-        train(TrainTokenizerConfig(input="stdlib", output=str(tok_dir), vocab_size=args.bpe_vocab, max_docs=400))
-        specs.append((str(tok_dir), f"BPE {args.bpe_vocab}"))
+    specs = tokenizer_specs(args, tmp / "bpe")
     rows = []
     for spec, label in specs:
         best_p = best_b = 0.0
@@ -218,20 +210,24 @@ def bench_prepare(args, tmp: Path) -> list[tuple]:
     return rows
 
 
+def tokenizer_specs(args, bpe_dir: Path) -> list[tuple[str, str]]:
+    """(tokenizer spec, label) of each of --tokenizers; the BPE one trained into bpe_dir on 400 stdlib files."""
+    specs, wanted = [], {t.strip() for t in args.tokenizers.split(",")}
+    if "byte" in wanted:
+        specs.append(("byte", "byte"))
+    if "bpe" in wanted:
+        from data.train_tokenizer import TrainTokenizerConfig, train
+
+        train(TrainTokenizerConfig(input="stdlib", output=str(bpe_dir), vocab_size=args.bpe_vocab, max_docs=400))
+        specs.append((str(bpe_dir), f"BPE {args.bpe_vocab}"))
+    return specs
+
+
 def bench_sharded(args, tmp: Path) -> list[tuple]:
     """One preparation of stdlib against `--shards` parts prepared in sequence + merge."""
     from data.merge import merge
 
-    specs = []
-    wanted = {t.strip() for t in args.tokenizers.split(",")}
-    if "byte" in wanted:
-        specs.append(("byte", "byte"))
-    if "bpe" in wanted:
-        tok_dir = tmp / "bpe-sharded"
-        from data.train_tokenizer import TrainTokenizerConfig, train
-
-        train(TrainTokenizerConfig(input="stdlib", output=str(tok_dir), vocab_size=args.bpe_vocab, max_docs=400))
-        specs.append((str(tok_dir), f"BPE {args.bpe_vocab}"))
+    specs = tokenizer_specs(args, tmp / "bpe-sharded")
     n = args.shards
     rows = []
     for spec, label in specs:

@@ -250,10 +250,7 @@ class ShardedTokenLoader(LoaderBase):
         if fp != self.fingerprint:
             raise DataError(f"loader state: dataset fingerprint {fp[:12]}… is not this dataset's "
                             f"{self.fingerprint[:12]}… ({where})")
-        if seq_len != self.seq_len:
-            raise DataError(f"loader state: seq_len {seq_len} differs from this loader's seq_len {self.seq_len}")
-        if seed != self.seed:
-            raise DataError(f"loader state: seed {seed} differs from this loader's seed {self.seed}")
+        check_order_keys(self, seq_len, seed)
         if epoch < 0 or consumed < 0:
             raise DataError(f"loader state: negative epoch {epoch} or sequences_consumed {consumed}")
         if consumed % self.step:
@@ -270,6 +267,14 @@ class ShardedTokenLoader(LoaderBase):
 
 class _End:
     """A reader thread's plan ended (a mixture that stops): the consumer stops there too."""
+
+
+def check_order_keys(loader, seq_len: int, seed: int) -> None:
+    """A saved state's seq_len and seed against the loader's: DataError naming the mismatch."""
+    if seq_len != loader.seq_len:
+        raise DataError(f"loader state: seq_len {seq_len} differs from this loader's seq_len {loader.seq_len}")
+    if seed != loader.seed:
+        raise DataError(f"loader state: seed {seed} differs from this loader's seed {loader.seed}")
 
 
 class _Iterator:

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .loader import LoaderBase, check_loader_args, document_outputs, read_windows
+from .loader import LoaderBase, check_loader_args, check_order_keys, document_outputs, read_windows
 from .permutation import IndexPermutation, derive_keys, mix64
 from .stream import TokenStream
 
@@ -519,10 +519,7 @@ class MixtureLoader(LoaderBase):
                 if old.get(key) != value:
                     raise DataError(f"loader state: data.sources[{i}] {key} {old.get(key)!r} differs from this "
                                     f"run's {value!r}")
-        if seq_len != self.seq_len:
-            raise DataError(f"loader state: seq_len {seq_len} differs from this loader's seq_len {self.seq_len}")
-        if seed != self.seed:
-            raise DataError(f"loader state: seed {seed} differs from this loader's seed {self.seed}")
+        check_order_keys(self, seq_len, seed)
         if consumed < 0:
             raise DataError(f"loader state: negative sequences_consumed {consumed}")
         if consumed % self.step:
