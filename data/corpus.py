@@ -609,7 +609,10 @@ class Source:
 
     def _stream_hub(self) -> Iterator[str]:
         where = f"input={self.spec}"
-        import datasets
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{where}: streaming a dataset from the hub needs the `datasets` package") from None
 
         datasets.disable_progress_bars()
         try:

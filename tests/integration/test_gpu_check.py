@@ -173,9 +173,15 @@ def test_smoke_trains_with_wandb_and_datasets_absent(gc, tmp_path):
 
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("a document\n")
+    # Local files are read by data/corpus.py itself: no `datasets` needed. A dataset by name needs it.
     r = run([sys.executable, "-m", "data.prepare", f"input={tmp_path / 'texts'}", f"output={tmp_path / 'out'}",
-             "tokenizer=byte", "progress=false"], env)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the `datasets` package" in r.stderr, r.stderr
+             "tokenizer=byte", "progress=false", "val_fraction=0"], env)
+    assert r.returncode == 0 and (tmp_path / "out" / "manifest.json").is_file(), r.stderr
+    for extra in ([], ["hub_streaming=true"]):
+        r = run([sys.executable, "-m", "data.prepare", "input=someone/corpus", f"output={tmp_path / 'hub'}",
+                 "tokenizer=byte", "progress=false", *extra], env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the `datasets` package" in r.stderr, r.stderr
+        assert not (tmp_path / "hub").exists()
 
 
 def test_benchmarks_import_only_what_a_bare_gpu_image_has(tmp_path):
