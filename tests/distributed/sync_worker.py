@@ -102,3 +102,9 @@ def main(out_path: str, data: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # As train/__main__.py and parity_worker.py: no interpreter teardown after the results are
+    # written (once, under heavy load, a rank aborted in teardown with "terminate called without an
+    # active exception" after writing them).
+    os._exit(0)
