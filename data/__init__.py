@@ -3,7 +3,7 @@
 Modules: errors (UserError, DataError), cli (key=value arguments), durable (atomic file writes),
 corpus (inputs), tokenizer (byte / Hugging Face), fim (fill-in-the-middle), shards (format,
 manifest, verify), shard_writer (the writer), prepare (the CLI), train_tokenizer (byte-level BPE
-CLI), verify (CLI around shards.verify), permutation (the keyed global order), stream
+CLI), merge (one dataset over parts prepared on several machines), verify (CLI around shards.verify), permutation (the keyed global order), stream
 (memory-mapped reads), loader (ShardedTokenLoader), mixture (MixtureLoader: weighted sources).
 The package imports nothing heavy until asked: the preparation workers never import torch.
 
