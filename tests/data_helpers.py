@@ -77,6 +77,18 @@ def documents(path: Path, split: str = "train") -> list[np.ndarray]:
     return [toks[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def resumed(make, take, pos: int, n: int):
+    """A loader from `make()` read `pos` batches with `take(loader, k)`, its state through JSON (what
+    a checkpoint holds) loaded into a fresh `make()`: (the fresh loader, its next n batches)."""
+    ld = make()
+    take(ld, pos)
+    state = json.loads(json.dumps(ld.state_dict()))
+    del ld
+    fresh = make()
+    fresh.load_state_dict(state)
+    return fresh, take(fresh, n)
+
+
 def batch_digest(batch: dict) -> str:
     h = hashlib.sha256()
     for key in sorted(batch):

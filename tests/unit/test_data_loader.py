@@ -14,7 +14,8 @@ import torch
 
 from data import DataError, ShardedTokenLoader
 from data.loader import IGNORE_INDEX
-from tests.data_helpers import batch_digest, doc_starts, generated_documents, prepare_dataset, stream, write_jsonl
+from tests.data_helpers import (batch_digest, doc_starts, generated_documents, prepare_dataset, resumed, stream,
+                                write_jsonl)
 
 MICRO = 2
 GLOBAL = 24  # divisible by MICRO × dp for dp in 1, 2, 3, 4
@@ -120,13 +121,7 @@ def test_fresh_resume_anywhere_matches_the_uninterrupted_run(corpus, workers):
     for rank in range(dp):
         reference = _batches(make(rank), horizon)
         for name, pos in positions.items():
-            ld = make(rank)
-            _batches(ld, pos)
-            state = json.loads(json.dumps(ld.state_dict()))  # what a checkpoint holds
-            del ld
-            fresh = make(rank)
-            fresh.load_state_dict(state)
-            got = _batches(fresh, 50)
+            _, got = resumed(lambda: make(rank), _batches, pos, 50)
             assert all(_equal(a, b) for a, b in zip(got, reference[pos:pos + 50])), (name, rank)
     assert probe.state_dict()["epoch"] == 0
 

@@ -20,7 +20,7 @@ import torch
 
 from data import DataError, ShardedTokenLoader
 from data.mixture import BLOCK, MixtureLoader, Source
-from tests.data_helpers import REPO, batch_digest, prepare_dataset, stream, write_jsonl
+from tests.data_helpers import REPO, batch_digest, prepare_dataset, resumed, stream, write_jsonl
 
 L = 31
 MICRO = 2
@@ -198,13 +198,7 @@ def test_resume_anywhere_matches_the_uninterrupted_run(corpora, workers):
         reference = _batches(make(rank), total + 10)
         assert len(reference) == total  # the iteration ends at the stop
         for name, pos in positions.items():
-            ld = make(rank)
-            _batches(ld, pos)
-            state = json.loads(json.dumps(ld.state_dict()))  # what a checkpoint holds
-            del ld
-            fresh = make(rank)
-            fresh.load_state_dict(state)
-            got = _batches(fresh, 40)
+            fresh, got = resumed(lambda: make(rank), _batches, pos, 40)
             assert len(got) == len(reference[pos:pos + 40]), name
             assert all(_equal(a, b) for a, b in zip(got, reference[pos:pos + 40])), (name, rank)
             assert (fresh.exhausted is not None) == (pos + len(got) >= total), name
