@@ -55,7 +55,8 @@ def dataset_path(cfg: Config) -> Path:
     """The dataset the run reads (a mixture's first source: the one the run summary's unigram entropy reads)."""
     d = cfg.data
     if getattr(d, "sources", None):
-        return Path(d.sources[0].path).expanduser()
+        first = d.sources[0]  # a SourceConfig, or a dict where trainer.json's config is read back
+        return Path(first["path"] if isinstance(first, dict) else first.path).expanduser()
     if d.path:
         return Path(d.path).expanduser()
     if d.prepare_input:

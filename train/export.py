@@ -132,8 +132,6 @@ def tokenizer_files(meta: dict, model_max_length: int) -> tuple[dict[str, bytes]
     if not data:
         _warn("trainer.json records no data config: no tokenizer or generation_config.json written")
         return {}, None
-    if data.get("sources") and not data.get("path"):  # a mixture: its sources share one tokenizer
-        data = {**{k: v for k, v in data.items() if k != "sources"}, "path": data["sources"][0]["path"]}
     try:
         path = dataset_path(SimpleNamespace(data=SimpleNamespace(**{"path": "", "prepare_input": "",
                                                                     "tokenizer": "byte", **data})))
