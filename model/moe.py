@@ -30,6 +30,7 @@ from .fp8.gemm import Fp8Spec
 from .fp8.grouped import grouped_fp8_swiglu
 from .linear import current_precision
 from .mlp import MLP
+from .wgrad import DeferredWgrad
 
 
 class Gate(nn.Module):
@@ -102,7 +103,7 @@ class _SegmentedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, w3, sizes: list[int]):
+    def forward(ctx, x, w1, w2, w3, sizes: list[int], defer: DeferredWgrad | None = None, slots=()):
         M, F_ = x.size(0), w1.size(1)
         h1, h3 = x.new_empty(M, F_), x.new_empty(M, F_)
         segments = [(e, s, s + n) for e, (s, n) in enumerate(zip(_starts(sizes), sizes)) if n]
@@ -114,7 +115,9 @@ class _SegmentedSwiGLU(torch.autograd.Function):
         for e, a, b in segments:
             torch.mm(act[a:b], w2[e].t(), out=out[a:b])
         ctx.save_for_backward(x, w1, w2, w3, h1, h3, act)
-        ctx.segments = segments
+        ctx.segments, ctx.defer, ctx.slots = segments, defer, slots
+        if defer is not None:
+            defer.expect()
         return out
 
     @staticmethod
@@ -122,20 +125,29 @@ class _SegmentedSwiGLU(torch.autograd.Function):
         x, w1, w2, w3, h1, h3, act = ctx.saved_tensors
         dout = dout.contiguous()
         dact = torch.empty_like(act)
-        dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
-        for e, a, b in ctx.segments:
+        segments = ctx.segments
+        for e, a, b in segments:
             torch.mm(dout[a:b], w2[e], out=dact[a:b])
-            torch.mm(dout[a:b].t(), act[a:b], out=dw2[e])
         sig = torch.sigmoid(h1)
         dh3 = dact * (h1 * sig)
         dh1 = dact * h3 * sig * (1 + h1 * (1 - sig))
         dx = torch.empty_like(x)
-        for e, a, b in ctx.segments:
+        for e, a, b in segments:
             torch.mm(dh1[a:b], w1[e], out=dx[a:b])
             dx[a:b].addmm_(dh3[a:b], w3[e])
-            torch.mm(dh1[a:b].t(), x[a:b], out=dw1[e])
-            torch.mm(dh3[a:b].t(), x[a:b], out=dw3[e])
-        return dx, dw1, dw2, dw3, None
+
+        def wgrad():
+            dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
+            for e, a, b in segments:
+                torch.mm(dout[a:b].t(), act[a:b], out=dw2[e])
+                torch.mm(dh1[a:b].t(), x[a:b], out=dw1[e])
+                torch.mm(dh3[a:b].t(), x[a:b], out=dw3[e])
+            return dw1, dw2, dw3
+
+        if ctx.defer is None:
+            return dx, *wgrad(), None, None, None
+        ctx.defer.push(lambda: dict(zip(ctx.slots, wgrad())))  # dW later, behind the reverse dispatch
+        return dx, None, None, None, None, None, None
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -170,25 +182,39 @@ class Experts(nn.Module):
 
             self.te = te.GroupedExperts(n_experts, dim, inter_dim, p.recipe)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None,
+                defer: DeferredWgrad | None = None) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per expert → (M, D). `qx`: x already
-        quantised for the first GEMMs (FP8 dispatch, parallel/a2a.py), used as it is."""
+        quantised for the first GEMMs (FP8 dispatch, parallel/a2a.py), used as it is. `defer`:
+        the weight gradients go to that queue (model/wgrad.py) where `defers_wgrad(x)`."""
         if self.fp8 is not None or self.te is not None:
-            return self._fp8_forward(x, counts, qx)
+            return self._fp8_forward(x, counts, qx, defer)
         if grouped_mm_supported(x.device.type, x.dtype) and x.size(0) > 0:
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
             h = h * torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs)
             return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
-        return _SegmentedSwiGLU.apply(x.contiguous(), self.w1, self.w2, self.w3, counts.tolist())
+        ws = (self.w1, self.w2, self.w3)
+        if defer is None:
+            return _SegmentedSwiGLU.apply(x.contiguous(), *ws, counts.tolist())
+        slots = tuple(defer.slot(w) for w in ws)
+        return _SegmentedSwiGLU.apply(x.contiguous(), *(w.detach() for w in ws), counts.tolist(), defer, slots)
 
-    def _fp8_forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None) -> torch.Tensor:
+    def defers_wgrad(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, defer=…) queues its weight gradients: the segmented and the grouped
+        FP8 paths do; torch's grouped GEMM (autograd's own backward) and TE's GroupedLinear (its
+        `delay_wgrad_compute` is not wired) compute them at once."""
+        if self.te is not None:
+            return False
+        return self.fp8 is not None or not grouped_mm_supported(x.device.type, x.dtype)
+
+    def _fp8_forward(self, x: torch.Tensor, counts: torch.Tensor, qx=None, defer=None) -> torch.Tensor:
         """FP8 experts: one grouped FP8 GEMM per projection over all experts (model/fp8/grouped.py),
         equal to running the single FP8 linear expert by expert."""
         if self.te is not None:
             return self.te(x, counts.tolist(), self.w1, self.w2, self.w3)
         args = (x.contiguous(), self.w1, self.w2, self.w3, counts.tolist(), self.fp8)
-        return grouped_fp8_swiglu(*args) if qx is None else grouped_fp8_swiglu(*args, qx)
+        return grouped_fp8_swiglu(*args) if qx is None and defer is None else grouped_fp8_swiglu(*args, qx, defer)
 
 
 class LocalDispatcher:

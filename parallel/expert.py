@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from model.moe import Experts, moe_layers
+from model.wgrad import DeferredWgrad, anchor
 
 from .a2a import LinkModel, Peers, Traffic, Transfer, land, launch
 
@@ -126,19 +127,30 @@ class AllToAllDispatcher:
         chunks = self.chunks if n >= self.chunks else 1
         bounds = [n * c // chunks for c in range(chunks + 1)]
         outs: list = [None] * chunks
-        steps = [self._chunk(x[a:b], indices[a:b], weights[a:b], experts, spec, outs, c)
+        overlapped = self.overlap or chunks > 1
+        defer = None
+        if (overlapped and torch.is_grad_enabled() and isinstance(experts, Experts) and experts.w1.requires_grad
+                and experts.defers_wgrad(x)):
+            defer = DeferredWgrad((experts.w1, experts.w2, experts.w3))
+        steps = [self._chunk(x[a:b], indices[a:b], weights[a:b], experts, spec, outs, c, defer)
                  for c, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        shared_out = None
-        if self.overlap or chunks > 1:
-            # Every chunk's first exchange in flight, then the shared experts while it moves, then
-            # the chunks in turn: chunk 1's exchange moves behind chunk 0's experts and chunk 0's
-            # behind chunk 1's. The order is fixed (never "whichever has arrived"): every rank
-            # must start the same collectives in the same order.
+        y_extra = []
+        if overlapped:
+            # Forward: every chunk's dispatch in flight; then the chunks in turn (chunk 1's
+            # dispatch moves behind chunk 0's experts, chunk 0's combine behind chunk 1's); then
+            # the shared experts behind the last combine. The order is fixed (never "whichever
+            # has arrived"): every rank must start the same collectives in the same order.
+            # Backward runs the recorded nodes newest first (model/wgrad.py): the reverse
+            # combines start, the shared experts' backward hides them, each chunk's data
+            # gradient hides the other's exchange, and the deferred weight gradients, anchored
+            # here between the dispatch and the experts, run behind the reverse dispatch.
             for step in steps:
                 next(step)
+            if defer is not None:
+                y_extra.append(anchor(defer))
+            pending = [s for s in steps if next(s, None) is not None]
             if shared is not None and self.overlap:
-                shared_out = shared(x)
-            pending = steps
+                y_extra.append(shared(x))
             while pending:
                 pending = [s for s in pending if next(s, None) is not None]
         else:
@@ -146,8 +158,10 @@ class AllToAllDispatcher:
                 for _ in step:  # synchronous: each exchange is waited for at once
                     pass
         y = outs[0] if chunks == 1 else torch.cat(outs)
-        if shared is not None:
-            y = y + (shared(x) if shared_out is None else shared_out)
+        if shared is not None and not (overlapped and self.overlap):
+            y = y + shared(x)
+        for extra in reversed(y_extra):  # the shared experts' output, then the anchor's zero
+            y = y + extra
         return y
 
     def _fp8_spec(self, experts: Experts):
@@ -160,7 +174,7 @@ class AllToAllDispatcher:
 
         return spec if RECIPES[spec.recipe][0][0] in ("tile", "row") else None
 
-    def _chunk(self, x, indices, weights, experts, spec, outs, slot):
+    def _chunk(self, x, indices, weights, experts, spec, outs, slot, defer):
         """One chunk's dispatch → experts → combine; yields after each exchange it starts."""
         peers, E_l = self.peers, self.n_local
         qx = None
@@ -203,10 +217,10 @@ class AllToAllDispatcher:
         self.last_recv_rows += r_rows.size(0)  # for tests: summed over the chunks of a call
         self.last_expert_counts = counts + self.last_expert_counts
         src = copy_row[order]
-        if fan.qx is None:
-            y = experts(r_rows[src], counts)  # (C, D) in expert order
-        else:  # the first GEMMs take the dispatched E4M3 rows as they are
-            y = experts(r_rows[src], counts, qx=_take(fan.qx, src))
+        kw = {} if defer is None else {"defer": defer}
+        if fan.qx is not None:  # the first GEMMs take the dispatched E4M3 rows as they are
+            kw["qx"] = _take(fan.qx, src)
+        y = experts(r_rows[src], counts, **kw)  # (C, D) in expert order
         y = y * r_w[src, copy_k[order]].unsqueeze(1).to(y.dtype)
         partial = y.new_zeros(r_rows.size(0), y.size(1)).index_add(0, src, y)
         # 4. Back: to the row's holder on this node, summed there, then across to the token's rank.

@@ -270,9 +270,12 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
     """x (M, K), w (E, N, K), sizes → (M, N); all three GEMMs on E4M3 operands, per segment."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec, qx: Quantised | None = None):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec, qx: Quantised | None = None,
+                defer=None, slot: int = 0):
         ctx.save_for_backward(x, w)
-        ctx.sizes, ctx.spec = sizes, spec
+        ctx.sizes, ctx.spec, ctx.defer, ctx.slot = sizes, spec, defer, slot
+        if defer is not None:  # w came detached: its gradient is queued in backward (model/wgrad.py)
+            defer.expect()
         if x.size(0) == 0:  # an expert-parallel rank that received no rows
             ctx.qw = None
             return x.new_zeros(0, w.size(1))
@@ -294,26 +297,38 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
         sizes, spec = ctx.sizes, ctx.spec
-        if x.size(0) == 0:
-            return torch.zeros_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device), None, None, None
         _, (g_dy, g_w), (g_dyt, g_xt) = RECIPES[spec.recipe]
         dy = dy.contiguous()
+
+        def wgrad() -> torch.Tensor:  # dw[e] = dy[seg e]ᵀ · x[seg e], reduced over the segment's tokens
+            if x.size(0) == 0:
+                return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            return _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
+                                  sizes, spec, w)
+
         dx = dw = None
-        if ctx.needs_input_grad[0]:  # dx[seg e] = dy[seg e] · w[e]: w[e]ᵀ (K, N) quantised along N
+        if x.size(0) == 0:
+            dx = torch.zeros_like(x)
+        elif ctx.needs_input_grad[0]:  # dx[seg e] = dy[seg e] · w[e]: w[e]ᵀ (K, N) quantised along N
             qwt = ctx.qw.t() if ctx.qw is not None else quant_weights(w.transpose(1, 2), g_w, spec)
             dx = _segment_mm(quant_along_columns(dy, g_dy, sizes, spec), qwt, sizes, spec, x.dtype, tuple(x.shape))
-        if ctx.needs_input_grad[1]:  # dw[e] = dy[seg e]ᵀ · x[seg e], reduced over the segment's tokens
-            dw = _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
-                                sizes, spec, w)
+        if ctx.defer is not None:
+            slot = ctx.slot
+            ctx.defer.push(lambda: {slot: wgrad()})  # later, behind the reverse dispatch
+        elif ctx.needs_input_grad[1] or x.size(0) == 0:
+            dw = wgrad()
         ctx.qw = None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def grouped_fp8_linear(x: torch.Tensor, w: torch.Tensor, sizes: list[int], spec: Fp8Spec,
-                       qx: Quantised | None = None) -> torch.Tensor:
+                       qx: Quantised | None = None, defer=None) -> torch.Tensor:
     """x (M, K) in segments of `sizes` rows, w (E, N, K) → (M, N): segment e times w[e]ᵀ.
-    `qx`: x already quantised along K as the recipe's forward does it (FP8 dispatch)."""
-    return _Fp8GroupedLinearFn.apply(x, w, sizes, spec, qx)
+    `qx`: x already quantised along K as the recipe's forward does it (FP8 dispatch). `defer`: a
+    model/wgrad.py queue that takes w's gradient, computed when the queue's anchor runs."""
+    if defer is None:
+        return _Fp8GroupedLinearFn.apply(x, w, sizes, spec, qx)
+    return _Fp8GroupedLinearFn.apply(x, w.detach(), sizes, spec, qx, defer, defer.slot(w))
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:

@@ -17,9 +17,10 @@ from .gemm import Fp8Spec, grouped_fp8_linear
 
 
 def grouped_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                       sizes: list[int], spec: Fp8Spec, qx=None) -> torch.Tensor:
+                       sizes: list[int], spec: Fp8Spec, qx=None, defer=None) -> torch.Tensor:
     """x (M, D) in expert segments of `sizes` rows; w1, w3 (E, F, D), w2 (E, D, F) → (M, D).
-    `qx`: x as already quantised for the forward GEMMs (FP8 dispatch), used without re-quantising."""
-    h = F.silu(grouped_fp8_linear(x, w1, sizes, spec, qx)) * grouped_fp8_linear(x, w3, sizes, spec, qx)  # (M, F)
-    return grouped_fp8_linear(h, w2, sizes, spec)
+    `qx`: x as already quantised for the forward GEMMs (FP8 dispatch), used without re-quantising.
+    `defer`: a model/wgrad.py queue that takes the weight gradients."""
+    h = F.silu(grouped_fp8_linear(x, w1, sizes, spec, qx, defer)) * grouped_fp8_linear(x, w3, sizes, spec, qx, defer)
+    return grouped_fp8_linear(h, w2, sizes, spec, defer=defer)  # (M, D)
 

@@ -239,6 +239,32 @@ def check_fp8_dispatch(world, rank, per_node, backend="emulated", recipe="blockw
     assert t1.dispatch_bytes * 2 * 256 == t0.dispatch_bytes * (256 + scale_bytes), (t1.dispatch_bytes, t0.dispatch_bytes)
 
 
+def check_fp8_deferred_wgrad(world, rank, per_node):
+    """FP8 experts with the weight gradients deferred (overlap on: model/wgrad.py) equal the
+    synchronous layer bit for bit: output, input gradient and every expert weight's gradient."""
+    cfg = ModelConfig(**{**CFG, "dim": 256, "moe_inter_dim": 128}).validate()
+    torch.manual_seed(6)
+    with precision(Precision("emulated", "blockwise")):
+        base = MoE(cfg)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.05)
+    base = base.to(torch.bfloat16)
+    runs = []
+    for opts in ({}, {"overlap": True}):
+        layer = copy.deepcopy(base)
+        shard_experts(layer, None, world, rank)
+        configure_dispatch(layer, per_node=per_node, fp8=True, **opts)
+        x = torch.randn(2, 8, cfg.dim, generator=torch.Generator().manual_seed(30 + rank)).to(torch.bfloat16)
+        x.requires_grad_(True)
+        y = layer(x)
+        y.float().square().sum().backward()
+        e = layer.experts
+        runs.append([y.detach(), x.grad, e.w1.grad, e.w2.grad, e.w3.grad])
+    for a, b in zip(*runs):
+        assert a is not None and torch.equal(a, b), (a - b).abs().max()
+
+
 def main():
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -254,6 +280,7 @@ def main():
         check_gate_gradient(world, rank, {"per_node": per_node, "overlap": True, "chunks": 2})
         check_fp8_dispatch(world, rank, per_node)
         check_fp8_dispatch(world, rank, per_node, "torch", "rowwise")  # torch._scaled_mm runs on the CPU
+        check_fp8_deferred_wgrad(world, rank, per_node)
     dist.barrier()
     if rank == 0:
         print(f"dispatch checks passed on {world} ranks")
