@@ -28,7 +28,8 @@ Per micro-batch on each pipeline stage (T = micro-batch × seq_len / tp tokens p
 
 A step is (m + bubble) slots of the slowest stage plus the exposed data-parallel gradient
 traffic: the bubble is pp − 1 slots for 1F1B, (pp − 1)/vp for Megatron's interleaved schedule
-and pp/2 − 1 for DualPipe (the report's Table 2, (PP/2 − 1)(F&B + B − 3W), without the −3W credit);
+and (pp/2 − 1)·2/3 for DualPipe (the report's Table 2, (PP/2 − 1)(F&B + B − 3W), with the overlapped
+F&B = F + B, a full backward B = 2F and its weight part W = F, against a slot of F + B = 3F);
 under DualPipe a GPU runs stage i of one direction and stage pp − 1 − i of the other
 (`dualpipe_devices`). `Timing.per_step` splits the step into the average stage's terms, the
 slowest stage's excess over them ("imbalance"), the bubble and DP.
@@ -50,9 +51,10 @@ FP8_BYTES = 1 + 4 / 128  # E4M3 value + one FP32 scale per 1×128 tile (DeepSeek
 # sync (neither), shared (parallel.moe_overlap: shared experts while the dispatch is in flight),
 # chunks (parallel.moe_chunks=2: one half's all-to-all under the other half's experts), both.
 # Measured by bench/dispatch.py on a simulated inter-node link whose time equals the layer's
-# compute ("exposed link time hidden, vs synchronous"; bench/RESULTS.md, 2026-12-03: both
-# ranged 0.72-0.79 over four runs on the 2-core CPU box). Simulated, not a GPU measurement.
-MEASURED_OVERLAP = {"sync": 0.0, "shared": 0.13, "chunks": 0.59, "both": 0.79}
+# compute ("exposed link time hidden, vs synchronous"; bench/RESULTS.md, 2026-12-04, with the
+# weight gradients deferred: the median of three runs on the 2-core CPU box; both ranged
+# 0.80-0.86). Simulated, not a GPU measurement.
+MEASURED_OVERLAP = {"sync": 0.0, "shared": 0.32, "chunks": 0.64, "both": 0.81}
 
 # SMs NCCL's all-to-all occupies while it runs beside a GEMM (moeforge's overlap modes):
 # NCCL's default channel count on an 8-GPU NVSwitch node with one HCA per GPU is of this order.
@@ -78,14 +80,26 @@ def _miss(pool: int, held: int, k: int) -> float:
     return math.comb(pool - held, k) / math.comb(pool, k)
 
 
+def _per_group_hit(per_group: int, held: int, top_k: int, limited: int) -> float:
+    """P(a unit holding `held` experts of a chosen group gets at least one of that group's share
+    of the token's experts: k / M of them, the floor or the ceiling in proportion to the mean)."""
+    lo, frac = divmod(top_k, limited)
+    frac = frac / limited
+    return (1 - frac) * (1 - _miss(per_group, held, lo)) + frac * (1 - _miss(per_group, held, lo + 1))
+
+
 def expected_units_hit(n_experts: int, top_k: int, units: int, n_groups: int = 1, limited: int = 1) -> float:
     """Expected number of `units` (nodes or EP ranks, each holding n_experts / units consecutive
     experts) that hold at least one of a token's top_k experts.
 
     Routing is group-limited as in model/ (DeepSeek-V3 §2.1.2 node-limited routing: with one
-    expert group per node, `limited` = M nodes at most), taken uniform: `limited` of the
-    `n_groups` groups uniformly, then top_k distinct experts uniformly among theirs. Linearity of
-    expectation: units × P(a given unit is hit).
+    expert group per node, `limited` = M nodes at most): `limited` of the `n_groups` groups,
+    uniformly, each holding k / M of the token's experts, uniformly inside it. Groups are chosen
+    by the sum of their best k / M scores, so a chosen group almost always gets some: the real
+    router on random inputs hits 3.96 of its 4 groups at DeepSeek-V3's shape (tests/unit/
+    test_plan.py), where drawing k experts uniformly from the chosen groups' pool would say 3.63
+    (the formula before, which undercounted inter-node rows by ~9%). Linearity of expectation:
+    units × P(a given unit is hit).
     """
     if units <= 1:
         return 1.0
@@ -93,13 +107,16 @@ def expected_units_hit(n_experts: int, top_k: int, units: int, n_groups: int = 1
     if n_groups <= 1 or limited >= n_groups:
         return units * (1 - _miss(n_experts, per_unit, top_k))
     per_group = n_experts // n_groups
-    pool = limited * per_group
-    if per_unit % per_group == 0:  # a unit holds g whole groups; j of them chosen (hypergeometric)
+    if top_k < limited:  # not every chosen group can be hit: k uniformly from the chosen groups' pool
+        pool = limited * per_group
+        if per_group % per_unit == 0:
+            return units * limited / n_groups * (1 - _miss(pool, per_unit, top_k))
+        return units * (1 - _miss(n_experts, per_unit, top_k))
+    if per_unit % per_group == 0:  # a unit holds g whole groups: hit when one of them is chosen
         g = per_unit // per_group
-        p = sum(math.comb(g, j) * math.comb(n_groups - g, limited - j) / math.comb(n_groups, limited)
-                * (1 - _miss(pool, j * per_group, top_k)) for j in range(1, min(g, limited) + 1))
-    elif per_group % per_unit == 0:  # a group spans several units: hit only when its group is chosen
-        p = limited / n_groups * (1 - _miss(pool, per_unit, top_k))
+        p = 1 - math.comb(n_groups - g, limited) / math.comb(n_groups, limited)
+    elif per_group % per_unit == 0:  # a group spans several units: its share of the token's experts
+        p = limited / n_groups * _per_group_hit(per_group, per_unit, top_k, limited)
     else:  # groups straddle units: no closed form here, fall back to unlimited routing
         return units * (1 - _miss(n_experts, per_unit, top_k))
     return units * p
@@ -307,8 +324,8 @@ def bubble_slots(sched: Schedule, pp: int) -> float:
         return 0.0
     if sched.pipeline == "interleaved":
         return (pp - 1) / sched.vp
-    if sched.pipeline == "dualpipe":
-        return pp / 2 - 1
+    if sched.pipeline == "dualpipe":  # (PP/2 − 1)(F&B + B − 3W): F&B = F + B, B = 2F, W = F; a slot is F + B = 3F
+        return (pp / 2 - 1) * 2 / 3
     return pp - 1
 
 
