@@ -1,15 +1,17 @@
 """Checkpoint cost: training time lost per save, asynchronous against synchronous, and save/load GB/s.
 
-One process trains (the full trainer, ZeRO-1 on the CPU) and saves every so often in both modes,
-alternating, on the same trainer. The stall of a save is the training time it costs:
+One process trains (the full trainer, ZeRO-1 on the CPU). It runs windows of a few training
+steps (`--steps`), each after a synchronous save, after an asynchronous save, or after no save,
+the three kinds interleaved on the same trainer (`--saves` of each). The stall of a save is the
+training time it costs:
 
-    stall = (wall time from the save call until the save is done, training steps included)
-            - (those steps × the median step time without a save, measured just before)
+    stall = median(window with that save, the save waited for at its end) - median(window without)
 
-Synchronous: essentially the save call. Asynchronous: the snapshot on the training thread plus
-what the background write takes away from the steps that run meanwhile (CPU and GIL contention;
-on this 2-core CPU machine it competes with the training's own threads). "blocking" is the save
-call alone. Goal: async stall ≤ 20% of the synchronous stall.
+Synchronous: essentially the save. Asynchronous: the snapshot on the training thread plus what
+the background write takes from the steps that run meanwhile (CPU, memory bandwidth, kernel
+time; on this 2-core CPU machine it competes with training). Medians of interleaved windows
+keep one noisy step from deciding the figure. "blocking" is the save call alone. Goal: async
+stall ≤ 20% of the synchronous stall.
 
 Throughput: save GB/s = checkpoint bytes / synchronous save time (write, fsync, SHA-256, commit);
 load GB/s = bytes / `CheckpointManager.load` time (read into the engine, no hashing); both against
@@ -67,27 +69,21 @@ def build_trainer(overrides: list[str], data: Path, work: Path):
     return trainer
 
 
-def step_time(trainer) -> float:
-    t0 = time.perf_counter()
-    trainer.train_step()
-    return time.perf_counter() - t0
-
-
-def one_save(trainer, use_async: bool, baseline_steps: int) -> dict:
-    """Baseline steps, then a save and steps until it is done; the save's stall and blocking time."""
+def window(trainer, steps: int, mode: str | None) -> dict:
+    """`steps` training steps, after a save of `mode` ("sync" / "async"; None: no save); the save
+    in flight is waited for at the end (counted), so the window holds the whole save."""
     ck = trainer.checkpointer
-    ck.async_save = use_async
-    base = statistics.median(step_time(trainer) for _ in range(baseline_steps))
     t0 = time.perf_counter()
-    ck.save()
-    blocking = time.perf_counter() - t0
-    n = 0
-    while ck._inflight is not None and ck._inflight.is_alive():
+    blocking = 0.0
+    if mode is not None:
+        ck.async_save = mode == "async"
+        ck.save()
+        blocking = time.perf_counter() - t0
+    for _ in range(steps):
         trainer.train_step()
-        n += 1
+    busy_at_end = ck._inflight is not None and ck._inflight.is_alive()
     ck.wait()
-    total = time.perf_counter() - t0
-    return {"stall": total - n * base, "blocking": blocking, "steps_during": n, "step_s": base}
+    return {"s": time.perf_counter() - t0, "blocking": blocking, "late": busy_at_end}
 
 
 def dir_bytes(path: Path) -> int:
@@ -101,22 +97,27 @@ def cp_seconds(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(name: str, data: Path, saves: int, baseline_steps: int) -> dict:
+def run(name: str, data: Path, saves: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         trainer = build_trainer(CONFIGS[name], data, work)
         try:
             for _ in range(3):  # warm-up
                 trainer.train_step()
-            one_save(trainer, True, 1)  # first save of each kind allocates (host buffers, files)
-            one_save(trainer, False, 1)
-            res = {"sync": [], "async": []}
-            for i in range(saves):
-                for mode in (("sync", "async") if i % 2 == 0 else ("async", "sync")):
-                    res[mode].append(one_save(trainer, mode == "async", baseline_steps))
+            window(trainer, 1, "async")  # the first save of each kind allocates (host image, files)
+            window(trainer, 1, "sync")
+            res = {None: [], "sync": [], "async": []}
+            order = [None, "sync", "async"]
+            for i in range(saves):  # the three kinds of window interleaved, the order rotated
+                for mode in order[i % 3:] + order[:i % 3]:
+                    res[mode].append(window(trainer, steps, mode))
             latest = max(trainer.checkpointer.root.glob("step-*"))
             size = dir_bytes(latest)
-            save_s = statistics.median(r["stall"] for r in res["sync"])  # a sync save blocks for all of it
+            print(f"{name} windows, s:", {m or "none": [round(r["s"], 3) for r in rs] for m, rs in res.items()},
+                  file=sys.stderr)
+            base = statistics.median(r["s"] for r in res[None])
+            stall = {m: statistics.median(r["s"] for r in res[m]) - base for m in ("sync", "async")}
+            save_s = stall["sync"]  # a synchronous save blocks for all of it
             load_s, cp_s = [], []
             for i in range(3):
                 t0 = time.perf_counter()
@@ -125,22 +126,20 @@ def run(name: str, data: Path, saves: int, baseline_steps: int) -> dict:
                 cp_s.append(cp_seconds(latest, work / f"cp{i}"))
         finally:
             trainer.close()
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("stall", "blocking", "steps_during", "step_s")}
-           for m, rs in res.items()}
     gb = size / 1e9
     cp = statistics.median(cp_s)
-    return {"config": name, "gb": gb, "step_s": med["sync"]["step_s"], "sync_stall": med["sync"]["stall"],
-            "async_stall": med["async"]["stall"], "async_blocking": med["async"]["blocking"],
-            "steps_during": med["async"]["steps_during"],
-            "ratio": med["async"]["stall"] / med["sync"]["stall"],
+    return {"config": name, "gb": gb, "window_s": base, "steps": steps, "sync_stall": stall["sync"],
+            "async_stall": stall["async"], "async_blocking": statistics.median(r["blocking"] for r in res["async"]),
+            "late": sum(r["late"] for r in res["async"]), "windows": saves,
+            "ratio": stall["async"] / stall["sync"],
             "save_gbs": gb / save_s, "load_gbs": gb / statistics.median(load_s), "cp_gbs": gb / cp}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--saves", type=int, default=3, help="saves of each kind per config (alternated)")
-    ap.add_argument("--baseline-steps", type=int, default=3)
+    ap.add_argument("--saves", type=int, default=7, help="windows of each kind per config (interleaved)")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per window (the async write must fit)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,16 +147,16 @@ def main() -> None:
         data = prepare_stdlib(Path(tmp) / "stdlib", "max_chars=3000000", "val_fraction=0.05")
         rows = []
         for c in args.configs:
-            rows.append(run(c, data, args.saves, args.baseline_steps))
+            rows.append(run(c, data, args.saves, args.steps))
             print(f"{c}: {rows[-1]}", file=sys.stderr, flush=True)
-    print("| config | checkpoint GB | step s | sync stall s | async stall s | async blocking s | steps during "
-          "async write | async/sync stall (goal ≤ 0.20) | save GB/s | load GB/s | cp GB/s | save/cp | load/cp "
-          "(goal ≥ 0.7) |")
+    print("| config | checkpoint GB | window s (steps) | sync stall s | async stall s | async blocking s "
+          "| async writes outlasting the window | async/sync stall (goal ≤ 0.20) | save GB/s | load GB/s | cp GB/s "
+          "| save/cp | load/cp (goal ≥ 0.7) |")
     print("|---" * 13 + "|")
     for r in rows:
-        print(f"| {r['config']} | {r['gb']:.3f} | {r['step_s']:.3f} | {r['sync_stall']:.3f} | {r['async_stall']:.3f} "
-              f"| {r['async_blocking']:.3f} | {r['steps_during']:.0f} | {r['ratio']:.2f} | {r['save_gbs']:.2f} "
-              f"| {r['load_gbs']:.2f} | {r['cp_gbs']:.2f} | {r['save_gbs'] / r['cp_gbs']:.2f} "
+        print(f"| {r['config']} | {r['gb']:.3f} | {r['window_s']:.3f} ({r['steps']}) | {r['sync_stall']:.3f} "
+              f"| {r['async_stall']:.3f} | {r['async_blocking']:.3f} | {r['late']} of {r['windows']} | {r['ratio']:.2f} "
+              f"| {r['save_gbs']:.2f} | {r['load_gbs']:.2f} | {r['cp_gbs']:.2f} | {r['save_gbs'] / r['cp_gbs']:.2f} "
               f"| {r['load_gbs'] / r['cp_gbs']:.2f} |")
 
 

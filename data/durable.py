@@ -15,6 +15,7 @@ only, so every package can import it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import tempfile
@@ -137,14 +138,16 @@ class StreamWriter:
     which on this project's VM costs more than the disk (bench/checkpoint.py, bench/RESULTS.md).
     Where O_DIRECT is refused (tmpfs, some network filesystems) the same buffer is written
     through the page cache. Each `write` hashes its data on a helper thread while it copies and
-    writes it (hashlib and os.write both release the GIL).
+    writes it (hashlib and os.write both release the GIL); `hash_thread=False` hashes on the
+    calling thread instead, for a writer that runs beside training (an asynchronous checkpoint)
+    and should not take more than one core from it.
     """
 
     CHUNK = 1 << 24  # staging buffer and write size (a multiple of any block size O_DIRECT asks)
     ALIGN = 4096
     THREADED = 1 << 20  # pieces at least this large are hashed on the helper thread
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, hash_thread: bool = True):
         import hashlib
         from concurrent.futures import ThreadPoolExecutor
 
@@ -157,24 +160,35 @@ class StreamWriter:
             self.direct = False
             self.fd = os.open(self.path, flags, 0o644)
         self.buf = _staging_take(self.CHUNK)
+        self._buf_addr = _address(self.buf)
         self.fill = self.size = 0
         self.digest = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash") if hash_thread else None
 
     def write(self, data) -> None:
         """Stage and write `data` (bytes-like); its hash runs meanwhile and is done on return."""
         view = memoryview(data).cast("B")
-        if len(view) < self.THREADED:  # a thread hand-off costs more than hashing a small piece
+        if len(view) < self.THREADED or self._hasher is None:  # a hand-off costs more than hashing a small piece
             self.digest.update(view)
             hashed = None
         else:
             hashed = self._hasher.submit(self.digest.update, view)
         self.size += len(view)
-        while len(view):
-            n = min(len(view), self.CHUNK - self.fill)
-            self.buf[self.fill:self.fill + n] = view[:n]
+        src = _address(view) if len(view) >= self.THREADED else None
+        done = 0
+        if src is not None and self.fill == 0 and src % self.ALIGN == 0:
+            # Aligned memory at an aligned file offset (an asynchronous save's file image,
+            # parallel/state.py RankImage): written straight from it, no staging copy.
+            done = len(view) - len(view) % self.ALIGN
+            self._write_out(view[:done])
+        while done < len(view):
+            n = min(len(view) - done, self.CHUNK - self.fill)
+            if src is None:
+                self.buf[self.fill:self.fill + n] = view[done:done + n]
+            else:  # ctypes.memmove releases the GIL: a slice assignment holds it for the whole copy
+                ctypes.memmove(self._buf_addr + self.fill, src + done, n)
             self.fill += n
-            view = view[n:]
+            done += n
             if self.fill == self.CHUNK:
                 self._flush(self.CHUNK)
         if hashed is not None:
@@ -182,18 +196,21 @@ class StreamWriter:
 
     def _flush(self, n: int) -> None:
         out = memoryview(self.buf)[:n]
-        done = 0
         try:
-            while done < n:
-                try:
-                    done += os.write(self.fd, out[done:])
-                except OSError:
-                    if not self.direct:
-                        raise
-                    self._buffered()  # the filesystem took the open but refuses direct writes
+            self._write_out(out)
         finally:
             out.release()
         self.fill = 0
+
+    def _write_out(self, out: memoryview) -> None:
+        done = 0
+        while done < len(out):
+            try:
+                done += os.write(self.fd, out[done:done + self.CHUNK])
+            except OSError:
+                if not self.direct:
+                    raise
+                self._buffered()  # the filesystem took the open but refuses direct writes
 
     def _buffered(self) -> None:
         import fcntl
@@ -227,9 +244,18 @@ class StreamWriter:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
-            self._hasher.shutdown()
+            if self._hasher is not None:
+                self._hasher.shutdown()
             _staging_give(self.buf)
         return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+def _address(buf) -> int | None:
+    """The address of a writable buffer's first byte (None for a read-only one, e.g. bytes)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except TypeError:
+        return None
 
 
 # Staging buffers are reused from file to file: a fresh mapping is first-touch page faults

@@ -176,16 +176,10 @@ def fragments(module: nn.Module, optimizer, n_routed_experts: int, owner: bool, 
     return out, shapes
 
 
-def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], dict]:
-    """Write fragments into one safetensors file, fsynced; returns the index rows [kind, name,
-    start, numel] and the file's record {"size", "sha256"} for the manifest.
-
-    The file is streamed tensor by tensor: the safetensors header (8-byte little-endian length,
-    JSON padded with spaces to a multiple of 8, every tensor float32 and 1-D, in name order as
-    safetensors' own writer orders them), then each tensor's bytes straight from its memory,
-    through data/durable.py `StreamWriter` (O_DIRECT where allowed, SHA-256 as the bytes go).
-    Nothing is serialised into one buffer first and nothing is read back (bench/checkpoint.py).
-    `crash()` runs halfway through the write (fault injection: a rank killed mid-write)."""
+def _layout(frags: list) -> tuple[list[list], bytes, list[tuple[str, torch.Tensor]], int]:
+    """A rank file's index rows, its header (length prefix included) and its entries in file
+    order: safetensors' layout, every tensor float32 and 1-D, in name order as its own writer
+    orders them, the JSON padded with spaces to a multiple of 8; and the bytes of tensor data."""
     rows, entries = [], []
     for kind, name, start, t in frags:
         entries.append((f"{kind}:{name}:{start}", t))
@@ -197,22 +191,93 @@ def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], di
         offset += 4 * t.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    return rows, struct.pack("<Q", len(head)) + head, entries, offset
+
+
+def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], dict]:
+    """Write fragments into one safetensors file, fsynced; returns the index rows [kind, name,
+    start, numel] and the file's record {"size", "sha256"} for the manifest.
+
+    The file is streamed tensor by tensor (`_layout`), each tensor's bytes straight from its
+    memory, through data/durable.py `StreamWriter` (O_DIRECT where allowed, SHA-256 as the
+    bytes go). Nothing is serialised into one buffer first and nothing is read back
+    (bench/checkpoint.py). `crash()` runs halfway through the write (fault injection: a rank
+    killed mid-write)."""
+    rows, head, entries, data_bytes = _layout(frags)
     out = StreamWriter(path)
     try:
-        head = struct.pack("<Q", len(head)) + head
         out.write(head)
         written = 0
         for _, t in entries:
             flat = t.detach().reshape(-1).to("cpu", torch.float32).contiguous()
             out.write(memoryview(flat.numpy()).cast("B"))
             written += 4 * flat.numel()
-            if crash is not None and written * 2 >= offset:
+            if crash is not None and written * 2 >= data_bytes:
                 out.flush_partial()
                 crash()
                 crash = None
     finally:
         record = out.close()
     return rows, record
+
+
+class RankImage:
+    """A rank file laid out in host memory byte for byte as `write_rank_file` writes it: the
+    asynchronous save's snapshot (train/checkpoint.py).
+
+    `fill` copies the fragments into it on the training thread — the only part of an
+    asynchronous save that blocks training; `write` then streams it to disk from the background
+    straight from this memory (page-aligned: O_DIRECT without a staging copy, one thread, so
+    that the writer takes at most one host core). The buffer is reused from save to save
+    (pinned on a GPU machine, so the device-to-host copies run at full speed)."""
+
+    def __init__(self):
+        self._img: torch.Tensor | None = None
+        self._keep = None  # the mapping behind a CPU image
+        self.rows: list[list] = []
+        self.size = 0
+
+    def _buffer(self, size: int) -> torch.Tensor:
+        if self._img is None or self._img.numel() < size:
+            cap = -(-size // StreamWriter.CHUNK) * StreamWriter.CHUNK
+            if torch.cuda.is_available():  # cudaHostAlloc memory is page-aligned
+                self._img, self._keep = torch.empty(cap, dtype=torch.uint8, pin_memory=True), None
+            else:  # an anonymous mapping is page-aligned, as O_DIRECT wants
+                import mmap
+
+                self._keep = mmap.mmap(-1, cap)
+                self._img = torch.frombuffer(self._keep, dtype=torch.uint8)
+        return self._img
+
+    def fill(self, frags: list) -> None:
+        rows, head, entries, data_bytes = _layout(frags)
+        img = self._buffer(len(head) + data_bytes)
+        img[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        off, pin = len(head), img.is_pinned()
+        for _, t in entries:
+            n = 4 * t.numel()
+            img.narrow(0, off, n).view(torch.float32).copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
+            off += n
+        if pin:
+            torch.cuda.synchronize()  # complete before the training thread goes on
+        self.rows, self.size = rows, off
+
+    def write(self, path: Path, crash=None) -> tuple[list[list], dict]:
+        """The file, fsynced: (index rows, record) as `write_rank_file` returns them."""
+        view = memoryview(self._img.numpy()).cast("B")[:self.size]
+        out = StreamWriter(path, hash_thread=False)
+        try:
+            if crash is None:
+                out.write(view)
+            else:  # fault injection: killed halfway
+                half = self.size // 2 - self.size // 2 % StreamWriter.ALIGN
+                out.write(view[:half])
+                out.flush_partial()
+                crash()
+                out.write(view[half:])
+        finally:
+            record = out.close()
+        return self.rows, record
 
 
 def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:

@@ -11,9 +11,11 @@ iteration-directory layout; the trainer calls `save()`, `restore()` and `load(la
 
 Asynchronous saves (`checkpoint.async_save=true`), after torchtitan's / DCP's `async_save`: on the
 training thread `save()` waits for the previous save of this rank, copies the step module's
-fragments into host buffers (reused from save to save; pinned when CUDA is available) and takes
-the trainer state, the RNG and the loader position; a background thread then writes and fsyncs
-the rank's files, hashes them and reports them to rank 0 through a small record file in the
+fragments into an image of the rank file in host memory (parallel/state.py `RankImage`: the
+file's bytes in file order, page-aligned, reused from save to save, pinned when CUDA is
+available) and takes the trainer state, the RNG and the loader position; a background thread
+then writes that image straight to disk (O_DIRECT, no staging copy, hashing as it goes, one
+thread so that it takes at most one host core), fsyncs the rank's files and reports them to rank 0 through a small record file in the
 temporary directory (no collective off the training thread). Rank 0's thread waits for every
 rank's record, then writes the index, trainer.json and manifest and commits exactly as a
 synchronous save does. `flush()` (collective) waits until the save in flight is committed.
@@ -119,7 +121,7 @@ class CheckpointManager:
         self._code: dict | None = None
         self._error: BaseException | None = None
         self._abort = threading.Event()
-        self._host: dict[tuple, torch.Tensor] = {}  # snapshot buffers, reused across saves
+        self._image = pstate.RankImage()  # the asynchronous save's snapshot, reused across saves
 
     # ------------------------------------------------------------------ collectives
     def _gather(self, obj) -> list:
@@ -169,11 +171,15 @@ class CheckpointManager:
             tmp.mkdir()
         self._barrier()
 
-    def _write_own(self, tmp: Path, frags: list, rng: dict) -> tuple[str, list, dict]:
-        """This rank's state and RNG files, fsynced; (state file name, index rows, file records)."""
+    def _write_own(self, tmp: Path, frags, rng: dict) -> tuple[str, list, dict]:
+        """This rank's state and RNG files, fsynced; (state file name, index rows, file records).
+        `frags`: the live fragments (a synchronous save) or the snapshot's `RankImage`."""
         state_file = tmp / f"state-{self.rank:05d}.safetensors"
         crash = (lambda: self.faults.crash_point("writing")) if self.faults.armed("writing") else None
-        rows, record = pstate.write_rank_file(state_file, frags, crash=crash)
+        if isinstance(frags, pstate.RankImage):
+            rows, record = frags.write(state_file, crash=crash)
+        else:
+            rows, record = pstate.write_rank_file(state_file, frags, crash=crash)
         rng_file = tmp / f"rank-{self.rank:05d}.json"
         write_file_synced(rng_file, json.dumps(rng).encode())
         return state_file.name, rows, {state_file.name: record, **dict([ckpt.file_record(rng_file)])}
@@ -213,45 +219,13 @@ class CheckpointManager:
         return final
 
     # ------------------------------------------------------------------ asynchronous save
-    def _host_buffer(self, key: tuple, numel: int, pin: bool, used: set) -> torch.Tensor:
-        used.add(key)
-        buf = self._host.get(key)
-        if buf is None:
-            buf = self._host[key] = torch.empty(numel, dtype=torch.float32, pin_memory=pin)
-        return buf
-
-    def _snapshot(self, frags: list) -> list:
-        """The fragments copied into host float32 buffers (what write_rank_file writes, bit for bit).
-
-        Fragments that are ranges of one flat float32 tensor (ZeRO's partitions and their Adam
-        moments) are copied as that tensor in one go, then addressed as views of the copy."""
-        pin = torch.cuda.is_available()
-        out, used, copied = [], set(), {}
-        for kind, fname, start, t in frags:
-            base = t._base
-            if (base is not None and base.dim() == 1 and base.is_contiguous() and t.is_contiguous()
-                    and base.dtype == t.dtype == torch.float32 and base.device == t.device):
-                key = ("flat", base.data_ptr(), base.numel())
-                if key not in copied:
-                    copied[key] = self._host_buffer(key, base.numel(), pin, used)
-                    copied[key].copy_(base.detach(), non_blocking=pin and base.is_cuda)
-                view = copied[key].narrow(0, t.storage_offset() - base.storage_offset(), t.numel())
-            else:
-                view = self._host_buffer((kind, fname, start, t.numel()), t.numel(), pin, used)
-                view.copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
-            out.append((kind, fname, start, view))
-        for key in set(self._host) - used:  # buffers of tensors that are gone (not expected within a run)
-            del self._host[key]
-        if pin:
-            torch.cuda.synchronize()  # the copies are complete before the training thread goes on
-        return out
-
     def _save_async(self) -> Path:
         self.wait()
         tmp, final, name = self._paths()
         self._begin(tmp)
         frags, shapes = self.steps.fragments(*self._owners())
-        snap = self._snapshot(frags)
+        self._image.fill(frags)  # the snapshot: the rank file's bytes in host memory (blocks training)
+        snap = self._image
         rng = rng_state()
         trainer = self.trainer_state(code=False) if self.rank == 0 else None
         self._abort.clear()

@@ -189,6 +189,41 @@ def test_streamed_rank_file_is_byte_identical_to_safetensors_and_hashed_inline(t
     assert rows == [[k, n, s, t.numel()] for k, n, s, t in frags]
 
 
+def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monkeypatch):
+    """The asynchronous save's snapshot (RankImage) holds the rank file's bytes: written, the file
+    equals write_rank_file's, with the same rows and record; the image is page-aligned, so its
+    bytes reach the file without the staging copy (only the unaligned tail is staged); a second
+    fill reuses the buffer; the crash-injection path writes the same file."""
+    import ctypes
+
+    from data import durable
+
+    g = torch.Generator().manual_seed(1)
+    frags = [("param", "b.w", 0, torch.randn(300_000, generator=g)),
+             ("exp_avg", "a", 3, torch.randn(5, 3, generator=g).reshape(-1)),
+             ("param", "a.x", 0, torch.randn(130_000, generator=g).to(torch.bfloat16))]
+    want_rows, want = pstate.write_rank_file(tmp_path / "ref.safetensors", frags)
+    copied = []
+    real = ctypes.memmove
+    monkeypatch.setattr(durable.ctypes, "memmove", lambda d, s, n: copied.append(n) or real(d, s, n))
+    img = pstate.RankImage()
+    img.fill(frags)
+    buf = img._img
+    rows, record = img.write(tmp_path / "img.safetensors")
+    assert (tmp_path / "img.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert (rows, record) == (want_rows, want)
+    probe = durable.StreamWriter(tmp_path / "probe")
+    probe.close()
+    if probe.direct:
+        assert sum(copied) < durable.StreamWriter.ALIGN  # only the last partial block was staged
+    frags[0][3].mul_(2)
+    img.fill(frags)
+    assert img._img is buf
+    calls = []
+    rows, record = img.write(tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
+    assert calls == [1] and record == pstate.write_rank_file(tmp_path / "ref2.safetensors", frags)[1]
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_stream_writer_bytes_hash_and_partial_flush(tmp_path, monkeypatch, direct):
     """StreamWriter: the file holds exactly the bytes written, across staging-buffer boundaries and
