@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,8 @@ class RankImage:
     that the writer takes at most one host core). The buffer is reused from save to save
     (pinned on a GPU machine, so the device-to-host copies run at full speed)."""
 
+    SHARED_COPY = 1 << 26  # bytes from which a second thread shares the snapshot's copy
+
     def __init__(self):
         self._img: torch.Tensor | None = None
         self._keep = None  # the mapping behind a CPU image
@@ -253,11 +256,29 @@ class RankImage:
         rows, head, entries, data_bytes = _layout(frags)
         img = self._buffer(len(head) + data_bytes)
         img[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        off, pin = len(head), img.is_pinned()
+        pin = img.is_pinned()
+        jobs, off = [], len(head)
         for _, t in entries:
-            n = 4 * t.numel()
-            img.narrow(0, off, n).view(torch.float32).copy_(t.detach().reshape(-1), non_blocking=pin and t.is_cuda)
-            off += n
+            jobs.append((img.narrow(0, off, 4 * t.numel()).view(torch.float32), t.detach().reshape(-1)))
+            off += 4 * t.numel()
+
+        def copy(part):
+            for dst, src in part:
+                dst.copy_(src, non_blocking=pin and src.is_cuda)
+
+        # Training waits for this copy: two threads share it (copy_ releases the GIL), the split
+        # by bytes; a helper only where there is enough to share.
+        half, cut = (off - len(head)) / 2, 0
+        while cut < len(jobs) and half > 0:
+            half -= jobs[cut][0].numel() * 4
+            cut += 1
+        if off - len(head) >= self.SHARED_COPY and 0 < cut < len(jobs):
+            helper = threading.Thread(target=copy, args=(jobs[cut:],), name="checkpoint-snapshot")
+            helper.start()
+            copy(jobs[:cut])
+            helper.join()
+        else:
+            copy(jobs)
         if pin:
             torch.cuda.synchronize()  # complete before the training thread goes on
         self.rows, self.size = rows, off

@@ -222,6 +222,10 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     calls = []
     rows, record = img.write(tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
     assert calls == [1] and record == pstate.write_rank_file(tmp_path / "ref2.safetensors", frags)[1]
+    monkeypatch.setattr(pstate.RankImage, "SHARED_COPY", 1)  # the copy split over two threads
+    shared = pstate.RankImage()
+    shared.fill(frags)
+    assert shared.write(tmp_path / "shared.safetensors")[1] == record
 
 
 @pytest.mark.parametrize("direct", [True, False])
