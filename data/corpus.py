@@ -29,8 +29,9 @@ it contains), the dataset card and its companions (`README*`, `CHANGELOG*`, `CIT
 folder of only `.md`/`.txt` files is text data, README.md included. A file of any other unknown
 type is an error naming it, unless `skip_unknown=true` (then it is skipped and reported too).
 
-Readers. Files are read by this module, not through `datasets` (as datatrove does: a reader per
-format over a plain file list; here json/gzip/bz2/lzma/zstandard and pyarrow): that gives every
+Readers (data/readers.py, one per format). Files are read by moeforge, not through `datasets`
+(as datatrove does: a reader per format over a plain file list; here json/gzip/bz2/lzma/
+zstandard and pyarrow): that gives every
 document a stable identity, (file number in the listing, row in the file), and lets a reader
 start at a row and stop before another without parsing what it skips (JSON lines: the lines are
 counted, not parsed; Parquet: whole row groups are skipped). data/prepare.py keys validation
@@ -56,14 +57,10 @@ into the run id that decides whether an interrupted preparation may resume.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import glob
-import gzip
 import hashlib
-import io
 import json
-import lzma
 import os
 import platform
 import re
@@ -75,6 +72,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DataError
+from .readers import (arrow_batches, as_utf8, check_text, json_lines, parquet_file, read_arrow, read_bytes, read_json,
+                      read_parquet, read_text, read_whole, reason)
 
 # Formats by extension (lower case). JSON and text are stream formats: they may be compressed.
 _JSON_EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -155,268 +154,6 @@ def _stdlib_names() -> list[str]:
     base = str(Path(root))  # what str(Path(root, rel)) starts with
     sep = "" if base.endswith(os.sep) else os.sep
     return [f"{base}{sep}{rel}".replace("/", os.sep) for rel in sorted(found)]
-
-
-def _as_utf8(raw: bytes) -> tuple[bytes, int]:
-    """(bytes, characters) of `raw.decode("utf-8", errors="replace")` re-encoded, without the
-    round trip when `raw` is already valid UTF-8 (then it is `raw` itself)."""
-    if raw.isascii():
-        return raw, len(raw)
-    try:
-        return raw, len(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        return text.encode("utf-8"), len(text)
-
-
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _read_whole(name: str) -> bytes:
-    """A file's bytes through os.open/os.read: one read of the size fstat gives (the buffered
-    file object costs more than the read for a small file)."""
-    fd = os.open(name, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) != size:  # grew, shrank, or a short read: read to the end
-            parts = [data]
-            while more := os.read(fd, 1 << 20):
-                parts.append(more)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
-
-
-class _ZstdReader(io.RawIOBase):
-    """A .zst file's decompressed bytes, every frame (files written by `zstd -T`, or concatenated,
-    hold several), and an error on a frame cut short — zstandard's `stream_reader` ends quietly
-    there, which would train on a truncated file without a word."""
-
-    def __init__(self, path: str):
-        import zstandard
-
-        self._zstd = zstandard.ZstdDecompressor()
-        self._obj = self._zstd.decompressobj()
-        self._file = open(path, "rb")
-        self._buf = b""
-        self._pos = 0
-        self._in_frame = False  # bytes of a frame fed and the frame not complete
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        while not self._buf and not self._done:
-            data = self._file.read(1 << 20)
-            if not data:
-                if self._in_frame:
-                    raise EOFError("zstd stream ends inside a frame (truncated file)")
-                self._done = True
-                return
-            out = []
-            while data:
-                out.append(self._obj.decompress(data))
-                self._in_frame = True
-                if self._obj.eof:  # a frame ended: what follows starts the next one
-                    data = self._obj.unused_data
-                    self._obj = self._zstd.decompressobj()
-                    self._in_frame = False
-                else:
-                    data = b""
-            self._buf = b"".join(out)
-
-    def readinto(self, b) -> int:
-        if self._pos == len(self._buf):
-            self._buf, self._pos = b"", 0
-            self._fill()
-        n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _open_stream(path: str, comp: str):
-    """A binary file object over the decompressed bytes."""
-    if comp == "gzip":
-        return gzip.open(path, "rb")
-    if comp == "bz2":
-        return bz2.open(path, "rb")
-    if comp == "xz":
-        return lzma.open(path, "rb")
-    if comp == "zstd":
-        try:
-            import zstandard  # noqa: F401  (used by _ZstdReader)
-        except ImportError:
-            raise DataError(f"{path}: reading .zst needs the `zstandard` package (pip install zstandard)") from None
-        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
-    return open(path, "rb")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ----------------------------------------------------------------------------- per-format readers
-# Each yields (row, text) for rows [start, stop) of one file (stop None: to the end); rows are
-# counted from 0 in the file. `count_rows` agrees with them.
-def _check_text(where: str, row: int, text, key: str) -> str:
-    if isinstance(text, str):
-        return text
-    what = "has no" if text is None else f"has a non-text ({type(text).__name__})"
-    raise DataError(f"{where}: document {row} {what} '{key}' field")
-
-
-def _json_lines(path: str, comp: str) -> Iterator[bytes]:
-    """The non-blank lines of a JSON-lines file (a JSON array file: its elements, re-encoded)."""
-    with _open_stream(path, comp) as f:
-        first = f.peek(64)[:64] if hasattr(f, "peek") else b""
-        if first.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # a UTF-8 byte-order mark may lead
-            try:
-                rows = json.loads(f.read())
-            except ValueError as exc:
-                raise DataError(f"{path}: unreadable after 0 documents ({_reason(exc)})") from None
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: not a JSON array of objects")
-            for row in rows:
-                yield row  # already parsed (a dict), see _read_json
-            return
-        for line in f:
-            if line.strip():
-                yield line
-
-
-def _read_json(path: str, comp: str, key: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:
-    row = 0
-    try:
-        for line in _json_lines(path, comp):
-            if stop is not None and row >= stop:
-                return
-            if row >= start:
-                if isinstance(line, bytes):
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as exc:
-                        raise DataError(f"{path}: unreadable after {row} documents ({_reason(exc)})") from None
-                else:
-                    obj = line
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}: document {row} is not a JSON object")
-                yield row, _check_text(path, row, obj.get(key), key)
-            row += 1
-    except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed stream
-        raise DataError(f"{path}: unreadable after {row} documents ({_reason(exc)})") from None
-    except Exception as exc:  # zstandard.ZstdError and friends
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: unreadable after {row} documents ({_reason(exc)})") from None
-
-
-def _text_pieces(raw: bytes, sample_by: str) -> list[str]:
-    text = raw.decode("utf-8", errors="replace")
-    if sample_by == "document":
-        return [text]
-    if sample_by == "line":
-        return [line for line in text.splitlines() if line.strip()]
-    return [p.strip("\r\n") for p in re.split(r"\n[ \t\r]*\n", text) if p.strip()]  # \r: CRLF files too
-
-
-def _read_text(path: str, comp: str, sample_by: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:
-    try:
-        with _open_stream(path, comp) as f:
-            raw = f.read()
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable ({_reason(exc)})") from None
-    pieces = _text_pieces(raw, sample_by)
-    for row in range(start, len(pieces) if stop is None else min(stop, len(pieces))):
-        yield row, pieces[row]
-
-
-def _parquet(path: str, key: str):
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot open ({_reason(exc)})") from None
-    names = pf.schema_arrow.names
-    if key not in names:
-        raise DataError(f"{path}: no field '{key}' (fields: {', '.join(names) or 'none'}); set text_key=…")
-    return pf
-
-
-def _read_parquet(path: str, key: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:
-    pf = _parquet(path, key)
-    md = pf.metadata
-    base = 0
-    for g in range(md.num_row_groups):
-        n = md.row_group(g).num_rows
-        lo, hi = max(start - base, 0), n if stop is None else min(stop - base, n)
-        if lo < hi:
-            try:
-                values = pf.read_row_group(g, columns=[key]).column(0).slice(lo, hi - lo).to_pylist()
-            except Exception as exc:
-                raise DataError(f"{path}: unreadable after {base + lo} documents ({_reason(exc)})") from None
-            for i, text in enumerate(values):
-                yield base + lo + i, _check_text(path, base + lo + i, text, key)
-        base += n
-        if stop is not None and base >= stop:
-            return
-
-
-def _arrow_batches(path: str, key: str) -> Iterator:
-    import pyarrow as pa
-
-    try:
-        source = pa.memory_map(path, "r")
-        try:
-            reader = pa.ipc.open_stream(source)
-            batches = iter(reader)
-            schema = reader.schema
-        except pa.ArrowInvalid:
-            source = pa.memory_map(path, "r")
-            reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            schema = reader.schema
-    except Exception as exc:
-        raise DataError(f"{path}: cannot open as Arrow ({_reason(exc)})") from None
-    if key not in schema.names:
-        raise DataError(f"{path}: no field '{key}' (fields: {', '.join(schema.names) or 'none'}); set text_key=…")
-    rows = 0
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as exc:  # a file cut short or damaged after its schema
-            raise DataError(f"{path}: unreadable after {rows} documents ({_reason(exc)})") from None
-        rows += batch.num_rows
-        yield batch
-
-
-def _read_arrow(path: str, key: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:
-    base = 0
-    for batch in _arrow_batches(path, key):
-        n = batch.num_rows
-        lo, hi = max(start - base, 0), n if stop is None else min(stop - base, n)
-        if lo < hi:
-            values = batch.column(batch.schema.get_field_index(key)).slice(lo, hi - lo).to_pylist()
-            for i, text in enumerate(values):
-                yield base + lo + i, _check_text(path, base + lo + i, text, key)
-        base += n
-        if stop is not None and base >= stop:
-            return
 
 
 # ----------------------------------------------------------------------------- the source
@@ -512,13 +249,13 @@ class Source:
         path = str(self.files[k])
         fmt, comp = file_format(path)
         if fmt in ("jsonl", "json"):
-            yield from _read_json(path, comp, self.text_key, start, stop)
+            yield from read_json(path, comp, self.text_key, start, stop)
         elif fmt == "parquet":
-            yield from _read_parquet(path, self.text_key, start, stop)
+            yield from read_parquet(path, self.text_key, start, stop)
         elif fmt == "arrow":
-            yield from _read_arrow(path, self.text_key, start, stop)
+            yield from read_arrow(path, self.text_key, start, stop)
         else:
-            yield from _read_text(path, comp, self.text_sample_by, start, stop)
+            yield from read_text(path, comp, self.text_sample_by, start, stop)
 
     def count_rows(self, k: int) -> int:
         """Documents in file k (what `_read(k, 0, None)` yields), read as cheaply as the format allows."""
@@ -529,17 +266,17 @@ class Source:
         path = str(self.files[k])
         fmt, comp = file_format(path)
         if fmt == "parquet":
-            return _parquet(path, self.text_key).metadata.num_rows
+            return parquet_file(path, self.text_key).metadata.num_rows
         if fmt == "arrow":
-            return sum(b.num_rows for b in _arrow_batches(path, self.text_key))
+            return sum(b.num_rows for b in arrow_batches(path, self.text_key))
         if fmt in ("jsonl", "json"):
             try:
-                return sum(1 for _ in _json_lines(path, comp))
+                return sum(1 for _ in json_lines(path, comp))
             except DataError:
                 raise
             except Exception as exc:
-                raise DataError(f"{path}: unreadable ({_reason(exc)})") from None
-        return sum(1 for _ in _read_text(path, comp, self.text_sample_by, 0, None))
+                raise DataError(f"{path}: unreadable ({reason(exc)})") from None
+        return sum(1 for _ in read_text(path, comp, self.text_sample_by, 0, None))
 
     def records(self) -> Iterator[tuple[int, int, str]]:
         """(file number in the listing, row in the file, text) of each document, in order."""
@@ -548,7 +285,7 @@ class Source:
             with ThreadPoolExecutor(4) as pool:
                 for i in range(0, len(ks), 256):
                     block = ks[i:i + 256]
-                    for k, raw in zip(block, pool.map(_read_bytes, [self.files[k] for k in block])):
+                    for k, raw in zip(block, pool.map(read_bytes, [self.files[k] for k in block])):
                         yield k, 0, raw.decode("utf-8", errors="replace")
         elif self.kind == "hub" and self.hub_streaming:
             for r, text in enumerate(self._stream_hub()):
@@ -569,7 +306,7 @@ class Source:
         if self.kind == "stdlib":
             files = self.files
             for k, _, _ in self._segments():
-                data, chars = _as_utf8(_read_whole(str(files[k])))
+                data, chars = as_utf8(read_whole(str(files[k])))
                 yield k, 0, data, chars
         else:
             for k, r, text in self.records():
@@ -593,7 +330,7 @@ class Source:
             ds = datasets.load_dataset(self.spec, self.hub_config or None, split=self.hub_split)
         except Exception as exc:  # not in the cache, unknown split, …
             raise DataError(f"input={self.spec}: cannot open offline (not a local folder and not in the Hugging Face "
-                            f"datasets cache: {_reason(exc)}); download it first, or set hub_streaming=true") from None
+                            f"datasets cache: {reason(exc)}); download it first, or set hub_streaming=true") from None
         if self.text_key not in ds.column_names:
             raise DataError(f"input={self.spec}: no field '{self.text_key}' (fields: "
                             f"{', '.join(ds.column_names) or 'none'}); set text_key=…")
@@ -605,7 +342,7 @@ class Source:
         for lo in range(start, stop, 4096):
             values = ds[lo:min(lo + 4096, stop)][self.text_key]
             for i, text in enumerate(values):
-                yield lo + i, _check_text(f"input={self.spec}", lo + i, text, self.text_key)
+                yield lo + i, check_text(f"input={self.spec}", lo + i, text, self.text_key)
 
     def _stream_hub(self) -> Iterator[str]:
         where = f"input={self.spec}"
@@ -618,7 +355,7 @@ class Source:
         try:
             ds = datasets.load_dataset(self.spec, self.hub_config or None, split=self.hub_split, streaming=True)
         except Exception as exc:  # network, auth, unknown dataset: the user's to fix
-            raise DataError(f"{where}: cannot open ({_reason(exc)})") from None
+            raise DataError(f"{where}: cannot open ({reason(exc)})") from None
         key = self.text_key
         features = getattr(ds, "features", None)
         if features is not None and key not in features:
@@ -631,8 +368,8 @@ class Source:
             except StopIteration:
                 return
             except Exception as exc:
-                raise DataError(f"{where}: unreadable after {i} documents ({_reason(exc)})") from None
-            yield _check_text(where, i, row.get(key), key)
+                raise DataError(f"{where}: unreadable after {i} documents ({reason(exc)})") from None
+            yield check_text(where, i, row.get(key), key)
             i += 1
 
     # -- split across machines

@@ -214,7 +214,7 @@ class Experts(nn.Module):
         if self.te is not None:
             return self.te(x, counts.tolist(), self.w1, self.w2, self.w3)
         args = (x.contiguous(), self.w1, self.w2, self.w3, counts.tolist(), self.fp8)
-        return grouped_fp8_swiglu(*args) if qx is None and defer is None else grouped_fp8_swiglu(*args, qx, defer)
+        return grouped_fp8_swiglu(*args, qx, defer)
 
 
 class LocalDispatcher:

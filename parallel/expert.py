@@ -134,7 +134,7 @@ class AllToAllDispatcher:
             defer = DeferredWgrad((experts.w1, experts.w2, experts.w3))
         steps = [self._chunk(x[a:b], indices[a:b], weights[a:b], experts, spec, outs, c, defer)
                  for c, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        y_extra = []
+        shared_out = zero = None
         if overlapped:
             # Forward: every chunk's dispatch in flight; then the chunks in turn (chunk 1's
             # dispatch moves behind chunk 0's experts, chunk 0's combine behind chunk 1's); then
@@ -147,10 +147,10 @@ class AllToAllDispatcher:
             for step in steps:
                 next(step)
             if defer is not None:
-                y_extra.append(anchor(defer))
+                zero = anchor(defer)
             pending = [s for s in steps if next(s, None) is not None]
             if shared is not None and self.overlap:
-                y_extra.append(shared(x))
+                shared_out = shared(x)
             while pending:
                 pending = [s for s in pending if next(s, None) is not None]
         else:
@@ -158,11 +158,9 @@ class AllToAllDispatcher:
                 for _ in step:  # synchronous: each exchange is waited for at once
                     pass
         y = outs[0] if chunks == 1 else torch.cat(outs)
-        if shared is not None and not (overlapped and self.overlap):
-            y = y + shared(x)
-        for extra in reversed(y_extra):  # the shared experts' output, then the anchor's zero
-            y = y + extra
-        return y
+        if shared is not None:
+            y = y + (shared(x) if shared_out is None else shared_out)
+        return y if zero is None else y + zero  # the anchor's zero joins its node to the graph
 
     def _fp8_spec(self, experts: Experts):
         """The experts' FP8 spec when the dispatched rows may travel as E4M3: a row-local

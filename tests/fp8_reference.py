@@ -10,9 +10,11 @@ from model.fp8.gemm import Fp8Spec, fp8_linear
 
 
 def per_expert_fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                          sizes: list[int], spec: Fp8Spec) -> torch.Tensor:
+                          sizes: list[int], spec: Fp8Spec, qx=None, defer=None) -> torch.Tensor:
     """x (M, D) in expert segments of `sizes` rows; w1, w3 (E, F, D), w2 (E, D, F) → (M, D),
-    through the single FP8 linear, one expert at a time."""
+    through the single FP8 linear, one expert at a time. grouped_fp8_swiglu's signature; the
+    reference quantises its own input and computes weight gradients at once (qx, defer: None)."""
+    assert qx is None and defer is None, "the per-expert reference takes neither FP8 dispatch nor deferral"
     outs, start = [], 0
     for e, n in enumerate(sizes):
         if n:

@@ -8,7 +8,8 @@ import pytest
 
 import data.prepare as prepare_module
 import data.shard_writer as shard_writer_module
-from data.corpus import _as_utf8, open_source
+from data.corpus import open_source
+from data.readers import as_utf8
 from data.prepare import JOURNAL
 from data.shard_writer import ShardWriter
 from data.tokenizer import ByteTokenizer, encode_documents
@@ -44,7 +45,7 @@ def test_utf8_encoding_matches_the_general_encoding():
 def test_utf8_documents_are_the_text_documents_encoded():
     for raw in (b"plain ascii", "caf\u00e9 \u6570\u636e".encode(), b"latin-1 caf\xe9", b"\xff\xfe", b"", b"a\xed\xa0\x80b"):
         text = raw.decode("utf-8", errors="replace")
-        data, chars = _as_utf8(raw)
+        data, chars = as_utf8(raw)
         assert (data, chars) == (text.encode("utf-8"), len(text))
     # The whole stdlib corpus (it holds files that are not valid UTF-8), in the same order.
     src = open_source("stdlib")
