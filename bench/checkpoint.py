@@ -81,7 +81,7 @@ def window(trainer, steps: int, mode: str | None) -> dict:
         blocking = time.perf_counter() - t0
     for _ in range(steps):
         trainer.train_step()
-    busy_at_end = ck._inflight is not None and ck._inflight.is_alive()
+    busy_at_end = ck.in_flight()
     ck.wait()
     return {"s": time.perf_counter() - t0, "blocking": blocking, "late": busy_at_end}
 

@@ -137,15 +137,17 @@ class StreamWriter:
     allows it, as DeepSpeed's FastPersist writes checkpoints: no page-cache copy of the data,
     which on this project's VM costs more than the disk (bench/checkpoint.py, bench/RESULTS.md).
     Where O_DIRECT is refused (tmpfs, some network filesystems) the same buffer is written
-    through the page cache. Each `write` hashes its data on a helper thread while it copies and
-    writes it (hashlib and os.write both release the GIL); `hash_thread=False` hashes on the
-    calling thread instead, for a writer that runs beside training (an asynchronous checkpoint)
-    and should not take more than one core from it.
+    through the page cache. Bytes are hashed when they are written out, a whole staging buffer
+    (or an aligned piece written straight from its memory) at a time, on a helper thread while
+    this thread writes them (hashlib and os.write both release the GIL): a file of many small
+    tensors costs the larger of the hash and the write, not their sum. `hash_thread=False`
+    hashes on the calling thread instead, for a writer beside training that should take at most
+    one core (the asynchronous checkpoint's writer process).
     """
 
     CHUNK = 1 << 24  # staging buffer and write size (a multiple of any block size O_DIRECT asks)
     ALIGN = 4096
-    THREADED = 1 << 20  # pieces at least this large are hashed on the helper thread
+    THREADED = 1 << 20  # pieces at least this large are written straight from aligned memory
 
     def __init__(self, path: str | os.PathLike, hash_thread: bool = True):
         import hashlib
@@ -166,13 +168,9 @@ class StreamWriter:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash") if hash_thread else None
 
     def write(self, data) -> None:
-        """Stage and write `data` (bytes-like); its hash runs meanwhile and is done on return."""
+        """Stage and write `data` (bytes-like); what is staged is written (and hashed) when the
+        staging buffer is full, and by `close`."""
         view = memoryview(data).cast("B")
-        if len(view) < self.THREADED or self._hasher is None:  # a hand-off costs more than hashing a small piece
-            self.digest.update(view)
-            hashed = None
-        else:
-            hashed = self._hasher.submit(self.digest.update, view)
         self.size += len(view)
         src = _address(view) if len(view) >= self.THREADED else None
         done = 0
@@ -180,7 +178,7 @@ class StreamWriter:
             # Aligned memory at an aligned file offset (an asynchronous save's file image,
             # parallel/state.py RankImage): written straight from it, no staging copy.
             done = len(view) - len(view) % self.ALIGN
-            self._write_out(view[:done])
+            self._write_out(view[:done], done)
         while done < len(view):
             n = min(len(view) - done, self.CHUNK - self.fill)
             if src is None:
@@ -190,27 +188,36 @@ class StreamWriter:
             self.fill += n
             done += n
             if self.fill == self.CHUNK:
-                self._flush(self.CHUNK)
-        if hashed is not None:
-            hashed.result()
+                self._flush(self.CHUNK, self.CHUNK)
 
-    def _flush(self, n: int) -> None:
+    def _flush(self, n: int, data: int) -> None:
+        """Write the first `n` staged bytes, of which the first `data` are the file's (the rest: padding)."""
         out = memoryview(self.buf)[:n]
         try:
-            self._write_out(out)
+            self._write_out(out, data)
         finally:
             out.release()
         self.fill = 0
 
-    def _write_out(self, out: memoryview) -> None:
-        done = 0
-        while done < len(out):
-            try:
-                done += os.write(self.fd, out[done:done + self.CHUNK])
-            except OSError:
-                if not self.direct:
-                    raise
-                self._buffered()  # the filesystem took the open but refuses direct writes
+    def _write_out(self, out: memoryview, data: int) -> None:
+        """Write `out`, hashing its first `data` bytes meanwhile."""
+        hashed = None
+        if self._hasher is None:
+            self.digest.update(out[:data])
+        else:
+            hashed = self._hasher.submit(self.digest.update, out[:data])
+        try:
+            done = 0
+            while done < len(out):
+                try:
+                    done += os.write(self.fd, out[done:done + self.CHUNK])
+                except OSError:
+                    if not self.direct:
+                        raise
+                    self._buffered()  # the filesystem took the open but refuses direct writes
+        finally:
+            if hashed is not None:
+                hashed.result()
 
     def _buffered(self) -> None:
         import fcntl
@@ -224,7 +231,7 @@ class StreamWriter:
         n = self.fill - (self.fill % self.ALIGN if self.direct else 0)
         if n:
             tail = bytes(self.buf[n:self.fill])
-            self._flush(n)
+            self._flush(n, n)
             self.buf[:len(tail)] = tail
             self.fill = len(tail)
 
@@ -236,9 +243,9 @@ class StreamWriter:
                 if self.direct:  # the last write is padded to the block size, the file cut back after
                     padded = -(-n // self.ALIGN) * self.ALIGN
                     self.buf[n:padded] = bytes(padded - n)
-                    self._flush(padded)
+                    self._flush(padded, n)
                 else:
-                    self._flush(n)
+                    self._flush(n, n)
             if self.direct:
                 os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)

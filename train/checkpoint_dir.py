@@ -38,6 +38,7 @@ from data.durable import fsync_path, replace_dir, write_bytes_durable, write_fil
 from data.errors import UserError
 
 MANIFEST = "manifest.json"
+INDEX = "index.json"  # parallel/state.py reads it (the same name there)
 POINTER = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -71,6 +72,21 @@ def write_manifest(tmp: Path, records: dict[str, dict], step: int) -> None:
     fsync_path(tmp)
 
 
+def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:
+    """index.json: every tensor's global shape and which file holds which range of it (the rows
+    [kind, name, start, numel] of each rank file; parallel/state.py `Reader` reads it)."""
+    entries: dict[str, dict[str, list]] = {}
+    for fname, rows in sorted(files.items()):
+        for kind, name, start, numel in rows:
+            entries.setdefault(kind, {}).setdefault(name, []).append([start, numel, fname])
+    for per_kind in entries.values():
+        for frs in per_kind.values():
+            frs.sort()
+    # Compact: json's C encoder (an indented dump runs the pure-Python one, ~7 ms at the smoke size).
+    write_file_synced(path, json.dumps({"format_version": 1, "shapes": {k: list(v) for k, v in shapes.items()},
+                                        "fragments": entries}, sort_keys=True, separators=(",", ":")).encode())
+
+
 def commit(tmp: Path, final: Path) -> None:
     """Rename the finished temporary directory into place (durably). A save of the same step (a
     rollback re-reached it) replaces the old one, which waits at `.tmp-old-<name>` meanwhile."""
@@ -94,15 +110,19 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def retain(root: Path, keep: int) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep` (never the newest); returns the deleted."""
-    done = complete_checkpoints(root)
-    doomed = done[:-max(keep, 1)]
-    for p in doomed:
-        trash = p.with_name(f"{TMP_PREFIX}del-{p.name}")
-        p.rename(trash)  # out of resume's sight first, then delete
-        shutil.rmtree(trash, ignore_errors=True)
-    return doomed
+def retain(root: Path, keep: int, *, delete: bool = True) -> list[Path]:
+    """Retire the oldest complete checkpoints beyond `keep` (never the newest): each is renamed out
+    of resume's sight (`.tmp-del-<name>`), then deleted. `delete=False` leaves the deletion to the
+    caller (a thread: deleting gigabytes takes the kernel a while and nothing waits for it) and
+    returns the renamed paths; a deletion that never happens is finished by the next save's
+    `remove_stale_temporaries`. Returns the retired paths."""
+    trash = []
+    for p in complete_checkpoints(root)[:-max(keep, 1)]:
+        trash.append(p.with_name(f"{TMP_PREFIX}del-{p.name}"))
+        p.rename(trash[-1])
+        if delete:
+            shutil.rmtree(trash[-1], ignore_errors=True)
+    return trash
 
 
 def remove_stale_temporaries(root: Path) -> None:

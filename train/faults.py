@@ -121,13 +121,21 @@ class Faults:
         """Whether some kill waits at save phase `phase` (callers skip fault-only work otherwise)."""
         return any(what == "kill" and where == f"save:{phase}" for what, where, _, _ in self.items)
 
-    def crash_point(self, phase: str) -> None:
-        """SIGKILL this process at a save phase when asked to."""
+    def fires(self, phase: str) -> bool:
+        """Whether this pass through save phase `phase` is where a kill was asked for (counts the pass).
+        An asynchronous save asks this for its phases when it hands the save to the writer process,
+        which then kills the rank at them (train/checkpoint_writer.py)."""
+        hit = False
         for what, where, target, count in self.items:
             if what == "kill" and where == f"save:{phase}" and target in (None, self.rank):
                 self.seen[phase] = self.seen.get(phase, 0) + 1
-                if self.seen[phase] == count:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                hit = hit or self.seen[phase] == count
+        return hit
+
+    def crash_point(self, phase: str) -> None:
+        """SIGKILL this process at a save phase when asked to."""
+        if self.fires(phase):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _NanGrad(torch.autograd.Function):

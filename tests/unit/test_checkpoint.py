@@ -91,11 +91,15 @@ def test_select_skips_a_corrupt_newest_with_a_warning_and_ignores_temporaries(tm
 def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (10, 20, 30, 40):
         make_checkpoint(tmp_path, step)
-    deleted = ckpt.retain(tmp_path, keep=2)
-    assert [p.name for p in deleted] == ["step-00000010", "step-00000020"]
+    retired = ckpt.retain(tmp_path, keep=2, delete=False)  # renamed out of sight; the caller deletes
+    assert [p.name for p in retired] == [".tmp-del-step-00000010", ".tmp-del-step-00000020"]
+    assert all(p.is_dir() for p in retired)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]
+    assert ckpt.select(tmp_path).name == "step-00000040"
+    ckpt.remove_stale_temporaries(tmp_path)  # what the next save does with a deletion left unfinished
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000030", "step-00000040"]
     ckpt.retain(tmp_path, keep=0)  # never deletes the newest
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000040"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000040"]
 
 
 def test_first_difference_names_the_field():
@@ -120,7 +124,7 @@ def write_state(tmp_path, frags_per_rank, shapes):
     for r, frags in enumerate(frags_per_rank):
         name = f"state-{r:05d}.safetensors"
         files[name], _ = pstate.write_rank_file(tmp_path / name, frags)
-    pstate.write_index(tmp_path / pstate.INDEX, shapes, files)
+    ckpt.write_index(tmp_path / ckpt.INDEX, shapes, files)
     return pstate.Reader(tmp_path)
 
 
@@ -193,10 +197,15 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     """The asynchronous save's snapshot (RankImage) holds the rank file's bytes: written, the file
     equals write_rank_file's, with the same rows and record; the image is page-aligned, so its
     bytes reach the file without the staging copy (only the unaligned tail is staged); a second
-    fill reuses the buffer; the crash-injection path writes the same file."""
+    fill reuses the buffer; the crash-injection path and the two-thread copy write the same
+    file; another process reads the same bytes through the image's descriptor."""
     import ctypes
+    import os
+    import subprocess
+    import sys
 
     from data import durable
+    from train.checkpoint_writer import write_image
 
     g = torch.Generator().manual_seed(1)
     frags = [("param", "b.w", 0, torch.randn(300_000, generator=g)),
@@ -209,7 +218,7 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     img = pstate.RankImage()
     img.fill(frags)
     buf = img._img
-    rows, record = img.write(tmp_path / "img.safetensors")
+    rows, record = img.rows, write_image(img.view(), tmp_path / "img.safetensors")
     assert (tmp_path / "img.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert (rows, record) == (want_rows, want)
     probe = durable.StreamWriter(tmp_path / "probe")
@@ -220,12 +229,26 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     img.fill(frags)
     assert img._img is buf
     calls = []
-    rows, record = img.write(tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
+    record = write_image(img.view(), tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
     assert calls == [1] and record == pstate.write_rank_file(tmp_path / "ref2.safetensors", frags)[1]
     monkeypatch.setattr(pstate.RankImage, "SHARED_COPY", 1)  # the copy split over two threads
     shared = pstate.RankImage()
     shared.fill(frags)
-    assert shared.write(tmp_path / "shared.safetensors")[1] == record
+    assert write_image(shared.view(), tmp_path / "shared.safetensors") == record
+    img.fill(frags[1:])  # other fragments: a new layout in the same memory
+    assert img._img is buf
+    assert write_image(img.view(), tmp_path / "fewer.safetensors") == \
+        pstate.write_rank_file(tmp_path / "ref3.safetensors", frags[1:])[1]
+    # Another process sees the image through its file descriptor (the writer process maps it).
+    seen = subprocess.run([sys.executable, "-c", "import mmap, sys, hashlib; fd = int(sys.argv[1]); "
+                           "m = mmap.mmap(fd, 0, prot=mmap.PROT_READ); "
+                           "print(hashlib.sha256(m[:int(sys.argv[2])]).hexdigest())", str(shared.fd),
+                           str(shared.size)], pass_fds=(shared.fd,), capture_output=True, text=True, check=True)
+    assert seen.stdout.strip() == record["sha256"]
+    fd = shared.fd
+    shared.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -57,7 +57,7 @@ def write_checkpoint(path: Path, model: Transformer, data: dict | None) -> Path:
     path.mkdir(parents=True)
     frags, shapes = pstate.fragments(model, SimpleNamespace(state={}), model.cfg.n_routed_experts, True, True)
     rows, _ = pstate.write_rank_file(path / "state-00000.safetensors", frags)
-    pstate.write_index(path / pstate.INDEX, shapes, {"state-00000.safetensors": rows})
+    ckpt.write_index(path / ckpt.INDEX, shapes, {"state-00000.safetensors": rows})
     trainer = {"model": asdict(model.cfg), "config": {"data": data} if data is not None else {}}
     (path / "trainer.json").write_text(json.dumps(trainer))
     names = ("state-00000.safetensors", pstate.INDEX, "trainer.json")
