@@ -5,13 +5,17 @@ steps (`--steps`), each after a synchronous save, after an asynchronous save, or
 the three kinds interleaved on the same trainer (`--saves` of each). The stall of a save is the
 training time it costs:
 
-    stall = median(window with that save, the save waited for at its end) - median(window without)
+    stall = median over rounds of (window with that save, the save waited for at its end,
+                                   minus the window without a save of the same round)
 
-Synchronous: essentially the save. Asynchronous: the snapshot on the training thread plus what
-the background write takes from the steps that run meanwhile (CPU, memory bandwidth, kernel
-time; on this 2-core CPU machine it competes with training). Medians of interleaved windows
-keep one noisy step from deciding the figure. "blocking" is the save call alone. Goal: async
-stall ≤ 20% of the synchronous stall.
+Synchronous: essentially the save, plus what the deletion of the checkpoint it retired (a
+thread) takes from the steps after it. Asynchronous: the snapshot on the training thread plus
+what the writer process (its write and its deletion) takes from the steps that run meanwhile
+(CPU, memory bandwidth, kernel time; on this 2-core CPU machine it competes with training).
+Every window waits at its end for what its save started, so no save's work spills into
+another window. Medians of paired differences of interleaved windows keep one noisy step, and
+the drift of step time over minutes, from deciding the figure.
+"blocking" is the save call alone. Goal: async stall ≤ 20% of the synchronous stall.
 
 Throughput: save GB/s = checkpoint bytes / synchronous save time (write, fsync, SHA-256, commit);
 load GB/s = bytes / `CheckpointManager.load` time (read into the engine, no hashing); both against
@@ -71,7 +75,8 @@ def build_trainer(overrides: list[str], data: Path, work: Path):
 
 def window(trainer, steps: int, mode: str | None) -> dict:
     """`steps` training steps, after a save of `mode` ("sync" / "async"; None: no save); the save
-    in flight is waited for at the end (counted), so the window holds the whole save."""
+    in flight and the deletion of the checkpoint it retired (a thread after a synchronous save)
+    are waited for at the end (counted), so the window holds the whole save."""
     ck = trainer.checkpointer
     t0 = time.perf_counter()
     blocking = 0.0
@@ -82,7 +87,7 @@ def window(trainer, steps: int, mode: str | None) -> dict:
     for _ in range(steps):
         trainer.train_step()
     busy_at_end = ck.in_flight()
-    ck.wait()
+    ck.settle()  # the save in flight and the deletion of the checkpoint it retired
     return {"s": time.perf_counter() - t0, "blocking": blocking, "late": busy_at_end}
 
 
@@ -116,7 +121,10 @@ def run(name: str, data: Path, saves: int, steps: int) -> dict:
             print(f"{name} windows, s:", {m or "none": [round(r["s"], 3) for r in rs] for m, rs in res.items()},
                   file=sys.stderr)
             base = statistics.median(r["s"] for r in res[None])
-            stall = {m: statistics.median(r["s"] for r in res[m]) - base for m in ("sync", "async")}
+            # Paired: each save's window minus the no-save window of the same round (adjacent in
+            # time), then the median. This machine's step time drifts by 20% over minutes; a
+            # difference of the two medians carried that drift into the figure.
+            stall = {m: statistics.median(a["s"] - b["s"] for a, b in zip(res[m], res[None])) for m in ("sync", "async")}
             save_s = stall["sync"]  # a synchronous save blocks for all of it
             load_s, cp_s = [], []
             for i in range(3):

@@ -84,13 +84,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """This process's RNG states as JSON-able values (checkpoints load them without unpickling)."""
+def rng_state(packed: bool = False) -> dict:
+    """This process's RNG states as JSON-able values (checkpoints load them without unpickling).
+    `packed=True` gives the torch and CUDA states as hex strings instead of lists of bytes: a
+    third of the JSON time when an asynchronous save hands them to the writer process, which
+    unpacks them (train/checkpoint_writer.py `write_rng`) and writes the same file."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    enc = (lambda t: t.numpy().tobytes().hex()) if packed else (lambda t: t.tolist())
     return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            "torch": enc(torch.get_rng_state()), "cuda": [enc(s) for s in cuda]}
 
 
 def set_rng_state(state: dict) -> None:
@@ -215,7 +219,7 @@ class CheckpointManager:
         self._image.fill(frags)  # the snapshot: the rank file's bytes in shared memory (blocks training)
         job = {"op": "save", "tmp": str(tmp), "final": str(final), "step": self.progress.step, "rank": self.rank,
                "world": self.world, "keep": self.cfg.checkpoint.keep, "size": self._image.size,
-               "rows": self._image.rows, "shapes": shapes, "rng": rng_state(),
+               "rows": self._image.rows, "shapes": shapes, "rng": rng_state(packed=True),
                "trainer": self.trainer_state() if self.rank == 0 else None, "kill": self._kills()}
         if self._writer is not None and self._writer.image_fd != self._image.fd:  # the image was reallocated
             self._writer.stop()
@@ -233,6 +237,12 @@ class CheckpointManager:
         """Block until this rank's save in flight (if any) is done; raise its error here."""
         if self._writer is not None:
             self._writer.result()
+
+    def settle(self) -> None:
+        """Wait for everything this rank's saves started: the save in flight and the deletion of
+        retired checkpoints (bench/checkpoint.py counts both in the save's window)."""
+        self.wait()
+        self._join_purge()
 
     def flush(self) -> None:
         """Collective (with async_save): every rank's save in flight is committed when it returns."""

@@ -20,9 +20,10 @@ The writer process:
 - dies with its trainer (PR_SET_PDEATHSIG): a killed rank never leaves a writer behind that
   finishes its save, so a crash during a background write leaves the previous checkpoint the
   newest complete one, as with a thread;
-- runs at the lowest CPU priority (SCHED_IDLE): on a host whose cores the training needs, the
-  write takes only the time they leave idle, and a save that has not finished by the next one
-  is waited for (at most one in flight);
+- runs at the trainer's CPU priority. Tried: SCHED_IDLE. Where training keeps every host core
+  busy (CPU training with a thread per core), the writer then got no time at all until the
+  trainer waited for it, and the save cost 1.35-1.5 of a synchronous one instead of about its
+  CPU time (bench/RESULTS.md);
 - exits when the socket closes.
 
 Shared with the synchronous save (train/checkpoint.py): `write_rng`, `commit_save`, `purge`.
@@ -58,7 +59,9 @@ ROOT = Path(__file__).resolve().parent.parent  # the directory holding the `trai
 def write_image(view, path: Path, crash=None) -> dict:
     """One rank file from its image (`view`: its exact bytes, page-aligned), fsynced; returns the
     record {"size", "sha256"}. Written straight from that memory (O_DIRECT, no staging copy) and
-    hashed on this one thread. `crash()` runs halfway (fault injection: killed mid-write)."""
+    hashed on this one thread, so that the writer takes at most one host core from training (a
+    hashing helper thread shortened the write but then also ran on training's core).
+    `crash()` runs halfway (fault injection: killed mid-write)."""
     out = StreamWriter(path, hash_thread=False)
     try:
         if crash is None:
@@ -75,7 +78,10 @@ def write_image(view, path: Path, crash=None) -> dict:
 
 
 def write_rng(tmp: Path, rank: int, rng: dict) -> tuple[str, dict]:
-    """This rank's RNG file, fsynced: (name, record)."""
+    """This rank's RNG file, fsynced: (name, record). `rng`: train/checkpoint.py `rng_state()`,
+    packed or not (the file holds the unpacked form)."""
+    if isinstance(rng.get("torch"), str):
+        rng = {**rng, "torch": list(bytes.fromhex(rng["torch"])), "cuda": [list(bytes.fromhex(c)) for c in rng["cuda"]]}
     path = tmp / f"rank-{rank:05d}.json"
     data = json.dumps(rng).encode()
     write_file_synced(path, data)
@@ -174,9 +180,14 @@ class WriterProcess:
             pass_fds=(theirs.fileno(), image_fd), env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock, self.image_fd, self.busy = mine, image_fd, False
+        self._layout: tuple = (None, None)  # the index rows and shapes the writer holds
 
     def submit(self, job: dict) -> None:
         assert not self.busy, "one save in flight at a time"
+        if job["rows"] is self._layout[0] and job["shapes"] == self._layout[1]:
+            job = {**job, "rows": None, "shapes": None}  # as last time: the writer keeps them
+        else:
+            self._layout = (job["rows"], job["shapes"])
         send(self.sock, job)
         self.busy = True
 
@@ -231,16 +242,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _lowest_priority() -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.nice(19)
-        except OSError:
-            pass
-
-
 def run_save(job: dict, image, aborted, parent: int) -> None:
     """One asynchronous save of this rank: its files, its record, and on rank 0 the commit."""
     kills = set(job["kill"])
@@ -270,11 +271,10 @@ def main(argv: list[str]) -> int:
 
     sock_fd, image_fd, parent = (int(a) for a in argv)
     _die_with_parent(parent)
-    _lowest_priority()
     sock = socket.socket(fileno=sock_fd)
     image = mmap.mmap(image_fd, 0, prot=mmap.PROT_READ)
     os.close(image_fd)
-    abort = []
+    abort, layout = [], (None, None)
 
     def aborted() -> bool:  # rank 0 waiting for records: has the trainer given the save up?
         while not abort and readable(sock):
@@ -289,6 +289,9 @@ def main(argv: list[str]) -> int:
             return 0
         if job.get("op") != "save":
             continue  # an abort that came after its save had finished
+        if job["rows"] is None:  # the same layout as the previous save
+            job.update(rows=layout[0], shapes=layout[1])
+        layout = (job["rows"], job["shapes"])
         abort.clear()
         try:
             run_save(job, image, aborted, parent)

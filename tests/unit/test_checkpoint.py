@@ -167,8 +167,15 @@ def test_fault_specs_parse_steps_ranks_and_phases():
     assert torch.isfinite(y) and torch.isnan(x.grad)
 
 
-def test_rng_states_round_trip_through_json():
+def test_rng_states_round_trip_through_json(tmp_path):
+    """Also packed (an asynchronous save hands the writer hex strings): the file it writes is the
+    unpacked state's."""
+    from train.checkpoint_writer import write_rng
+
+    torch.rand(5)
     state = json.loads(json.dumps(rng_state()))
+    name, record = write_rng(tmp_path, 3, json.loads(json.dumps(rng_state(packed=True))))
+    assert (tmp_path / name).read_text() == json.dumps(state) and record["size"] == (tmp_path / name).stat().st_size
     a = (random.random(), np.random.rand(), torch.rand(3))
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
