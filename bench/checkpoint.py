@@ -13,8 +13,10 @@ thread) takes from the steps after it. Asynchronous: the snapshot on the trainin
 what the writer process (its write and its deletion) takes from the steps that run meanwhile
 (CPU, memory bandwidth, kernel time; on this 2-core CPU machine it competes with training).
 Every window waits at its end for what its save started, so no save's work spills into
-another window. Medians of paired differences of interleaved windows keep one noisy step, and
-the drift of step time over minutes, from deciding the figure.
+another window, and each starts after 0.1 s idle, so that the kernel's deferred work after the
+previous one (journal commits, discards) has ended; the kinds take turns in all six orders.
+Medians of paired differences of interleaved windows keep one noisy step, and the drift of
+step time over minutes, from deciding the figure.
 "blocking" is the save call alone. Goal: async stall ≤ 20% of the synchronous stall.
 
 Throughput: save GB/s = checkpoint bytes / synchronous save time (write, fsync, SHA-256, commit);
@@ -28,6 +30,7 @@ load GB/s = bytes / `CheckpointManager.load` time (read into the engine, no hash
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -46,6 +49,7 @@ from corpus import prepare_stdlib  # noqa: E402
 
 # The models of bench/trainer.py; short steps (64 tokens × 2) so that the step-time noise of a
 # shared machine stays small against the save (the checkpoint's size depends on the model only).
+GAP_S = 0.1  # idle between windows: the kernel's deferred work after one (journal, discards) ends before the next
 SHORT = ["trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"]
 CONFIGS = {
     "smoke": ["model=smoke", *SHORT],
@@ -112,9 +116,10 @@ def run(name: str, data: Path, saves: int, steps: int) -> dict:
             window(trainer, 1, "async")  # the first save of each kind allocates (host image, files)
             window(trainer, 1, "sync")
             res = {None: [], "sync": [], "async": []}
-            order = [None, "sync", "async"]
-            for i in range(saves):  # the three kinds of window interleaved, the order rotated
-                for mode in order[i % 3:] + order[:i % 3]:
+            orders = list(itertools.permutations([None, "sync", "async"]))
+            for i in range(saves):  # the three kinds interleaved, in each of the 6 orders in turn
+                for mode in orders[i % len(orders)]:
+                    time.sleep(GAP_S)
                     res[mode].append(window(trainer, steps, mode))
             latest = max(trainer.checkpointer.root.glob("step-*"))
             size = dir_bytes(latest)

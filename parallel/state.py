@@ -24,6 +24,7 @@ import math
 import os
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from model.moe import Experts
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")  # AdamW's state; "buffer" for persistent buffers
 INDEX = "index.json"  # train/checkpoint_dir.py write_index writes it
+SNAPSHOT_DELAY_ENV = "MOEFORGE_SNAPSHOT_DELAY_S"  # tests only: a background snapshot copy starts this much later
 
 
 class StateError(UserError):
@@ -273,6 +275,8 @@ class RankImage:
         self._plan: tuple | None = None  # (signature, rows, file order, destination views, header and data bytes) of the last fill
         self.rows: list[list] = []
         self.size = 0
+        self._filling: threading.Thread | None = None  # a background copy (fill with `then`)
+        self._fill_error: BaseException | None = None
 
     def _buffer(self, size: int) -> torch.Tensor:
         if self._img is None or self._img.numel() < size:
@@ -288,6 +292,9 @@ class RankImage:
 
     def close(self) -> None:
         """Release the memory (the writer process keeps its own mapping until it exits)."""
+        thread, self._filling = self._filling, None
+        if thread is not None:
+            thread.join()
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self._img.data_ptr())
         self._img = self._plan = self._map = None
@@ -296,9 +303,9 @@ class RankImage:
             os.close(self.fd)
             self.fd = None
 
-    def fill(self, frags: list) -> None:
-        # The layout (rows, header, file order and the destination views) is worked out again only
-        # when the fragments' names or sizes change: from save to save they do not.
+    def prepare(self, frags: list) -> None:
+        """The layout of `frags` in the image (rows, size, memory): worked out again only when
+        the fragments' names or sizes change — from save to save they do not."""
         sig = [(kind, name, start, t.numel()) for kind, name, start, t in frags]
         if self._plan is None or self._plan[0] != sig:
             rows, head, order, data_bytes = _layout(frags)
@@ -309,12 +316,39 @@ class RankImage:
                 dsts.append(img.narrow(0, off, 4 * sig[i][3]).view(torch.float32))
                 off += 4 * sig[i][3]
             self._plan = (sig, rows, order, dsts, len(head), data_bytes)
-        _, rows, order, dsts, head_bytes, data_bytes = self._plan
+        self.rows, self.size = self._plan[1], self._plan[4] + self._plan[5]
+
+    def fill(self, frags: list, then=None) -> None:
+        """Copy the fragments into the image (after `prepare`). Without `then`, on this thread (two
+        threads above SHARED_COPY). With `then`, on a background thread that calls `then()` once
+        the copy is complete, while this thread goes on: the caller must `settle()` before
+        anything changes the fragments' tensors (the trainer does right before each optimizer
+        update, so the copy overlaps the next step's forward and backward, as torchtitan's
+        staging does). `settle()` also raises an error of the copy or of `then`."""
+        self.prepare(frags)
+        self.settle()
+        _, _, order, dsts, _, data_bytes = self._plan
         srcs = [frags[i][3].detach().reshape(-1) for i in order]
 
         def copy(lo: int, hi: int) -> None:  # one call for many tensors; it releases the GIL
             torch._foreach_copy_(dsts[lo:hi], srcs[lo:hi], non_blocking=self._pinned)
 
+        if then is not None:
+            def work() -> None:
+                try:
+                    delay = float(os.environ.get(SNAPSHOT_DELAY_ENV, "0") or 0)  # tests: a slow copy
+                    if delay:
+                        time.sleep(delay)
+                    copy(0, len(dsts))
+                    for device in {t.device for t in srcs if t.is_cuda}:  # this thread's current device is not the trainer's
+                        torch.cuda.synchronize(device)
+                    then()
+                except BaseException as exc:  # noqa: BLE001 - raised by settle() on the training thread
+                    self._fill_error = exc
+
+            self._filling = threading.Thread(target=work, name="checkpoint-snapshot", daemon=True)
+            self._filling.start()
+            return
         # Training waits for this copy: above SHARED_COPY two threads share it, split by bytes.
         cut, half = 0, data_bytes / 2
         while cut < len(dsts) and half > 0:
@@ -329,7 +363,18 @@ class RankImage:
             copy(0, len(dsts))
         if self._pinned:
             torch.cuda.synchronize()  # complete before the training thread goes on
-        self.rows, self.size = rows, head_bytes + data_bytes
+
+    def settle(self) -> None:
+        """Wait for a background copy (and its `then`); raise its error here."""
+        thread, self._filling = self._filling, None
+        if thread is not None:
+            thread.join()
+        err, self._fill_error = self._fill_error, None
+        if err is not None:
+            raise err
+
+    def copying(self) -> bool:
+        return self._filling is not None and self._filling.is_alive()
 
     def view(self) -> memoryview:
         """The file's bytes (train/checkpoint_writer.py `write_image` writes them)."""

@@ -216,25 +216,34 @@ class CheckpointManager:
         tmp, final, name = self._paths()
         self._begin(tmp)
         frags, shapes = self.steps.fragments(*self._owners())
-        self._image.fill(frags)  # the snapshot: the rank file's bytes in shared memory (blocks training)
-        job = {"op": "save", "tmp": str(tmp), "final": str(final), "step": self.progress.step, "rank": self.rank,
-               "world": self.world, "keep": self.cfg.checkpoint.keep, "size": self._image.size,
-               "rows": self._image.rows, "shapes": shapes, "rng": rng_state(packed=True),
-               "trainer": self.trainer_state() if self.rank == 0 else None, "kill": self._kills()}
+        self._image.prepare(frags)  # the layout, and the shared memory the writer maps
         if self._writer is not None and self._writer.image_fd != self._image.fd:  # the image was reallocated
             self._writer.stop()
             self._writer = None
         if self._writer is None:
             self._writer = writer.WriterProcess(self._image.fd)
-        self._writer.submit(job)
+        job = {"op": "save", "tmp": str(tmp), "final": str(final), "step": self.progress.step, "rank": self.rank,
+               "world": self.world, "keep": self.cfg.checkpoint.keep, "size": self._image.size,
+               "rows": self._image.rows, "shapes": shapes, "rng": rng_state(packed=True),
+               "trainer": self.trainer_state() if self.rank == 0 else None, "kill": self._kills()}
+        # The snapshot: the fragments' bytes copied into the shared image on a background thread
+        # while the next step's forward and backward run; `snapshot_taken()` holds the optimizer
+        # update until the copy is done, and the copy hands the save to the writer process.
+        self._image.fill(frags, then=lambda: self._writer.submit(job))
         return final
 
+    def snapshot_taken(self) -> None:
+        """Block until the snapshot of an asynchronous save is copied: called right before every
+        optimizer update (train/step.py), since the update changes the tensors it copies."""
+        self._image.settle()
+
     def in_flight(self) -> bool:
-        """Whether this rank's asynchronous save is still being written (without waiting)."""
-        return self._writer is not None and not self._writer.done()
+        """Whether this rank's asynchronous save is still being copied or written (without waiting)."""
+        return self._image.copying() or (self._writer is not None and not self._writer.done())
 
     def wait(self) -> None:
         """Block until this rank's save in flight (if any) is done; raise its error here."""
+        self._image.settle()
         if self._writer is not None:
             self._writer.result()
 
@@ -256,6 +265,10 @@ class CheckpointManager:
         deleting retired checkpoints. Errors are reported, not raised."""
         import sys
 
+        try:
+            self._image.settle()
+        except BaseException as exc:  # noqa: BLE001 - the process is leaving anyway
+            print(f"warning: checkpoint snapshot in flight failed: {exc}", file=sys.stderr, flush=True)
         if self._writer is not None:
             self._writer.abort()
             try:
@@ -330,6 +343,7 @@ class CheckpointManager:
 
         A rollback keeps the loader where it is (with_loader=False): the data since `path` is skipped.
         with_optimizer=False keeps this run's (fresh) Adam moments."""
+        self._image.settle()  # a snapshot still copying reads the tensors this overwrites
         state = ckpt.read_trainer_state(path)
         diff = ckpt.first_difference(state.get("model", {}), asdict(self.cfg.model))
         if diff:

@@ -222,7 +222,11 @@ class WriterProcess:
             raise ckpt.CheckpointError(reply["error"]) if reply["user"] else RuntimeError(reply["error"])
 
     def stop(self) -> None:
-        self.sock.close()  # the writer exits at the end of its input
+        try:  # the writer exits at the end of its input (shutdown: also where a fork holds a copy)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

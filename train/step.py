@@ -108,10 +108,11 @@ class StepModule:
 
     def __init__(self, cfg: Config, groups: Groups, device: torch.device, dtype: torch.dtype, *,
                  is_spike: Callable[[float], bool], preempt_requested: Callable[[], bool],
-                 save_due: Callable[[], bool] = lambda: False):
+                 save_due: Callable[[], bool] = lambda: False, before_update: Callable[[], None] = lambda: None):
         self.cfg, self.groups, self.layout = cfg, groups, groups.layout
         self.device, self.dtype = device, dtype
         self.is_spike, self.preempt_requested, self.save_due = is_spike, preempt_requested, save_due
+        self.before_update = before_update  # e.g. an asynchronous checkpoint's snapshot still copying
         self.grad_accum = 1
 
     # ------------------------------------------------------------------ build
@@ -217,6 +218,7 @@ class StepModule:
         One all-reduce over all ranks carries the step's losses, a non-finite-gradient flag, the
         preemption flag and the wall-time checkpoint flag; the decision is computed from the reduced values, so it is the same
         on every rank. Its `.tolist()` is the step's one host synchronisation."""
+        self.before_update()  # nothing may change the weights or moments before this returns
         ga = self.grad_accum
         host = torch.tensor([float(self.preempt_requested()), float(self.save_due())], dtype=torch.float64)
         local = self._local_means()

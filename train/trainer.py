@@ -146,7 +146,8 @@ class Trainer:
         self.step_module = build_step_module(
             cfg, self.groups, self.device, self.dtype,
             is_spike=lambda loss: t.spike.action != "off" and self.spike.is_spike(loss),
-            preempt_requested=lambda: self.preemption.requested, save_due=self._save_due)
+            preempt_requested=lambda: self.preemption.requested, save_due=self._save_due,
+            before_update=lambda: self.checkpointer.snapshot_taken())
         self.step_module.build(grad_accum=t.global_batch_size // self.granularity)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.checkpointer = CheckpointManager(cfg, self.ckpt_root, self.layout, self.rank, steps=self.step_module,

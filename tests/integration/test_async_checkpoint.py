@@ -17,10 +17,14 @@ from tests.integration.test_faults import ROOT, TINY, command, environment, metr
 
 
 def run(args, run_dir, delay: float = 0.0) -> subprocess.CompletedProcess:
-    """dp=2: ZeRO partitions (snapshotted as whole flat tensors) and two ranks' record files."""
+    """dp=2: ZeRO partitions (snapshotted as whole flat tensors) and two ranks' record files.
+    `delay`: every background write starts that much later, and every snapshot copy (which
+    runs beside the next step's forward and backward) a third of it: the optimizer update must
+    wait for the copy, or the checkpoint would hold the next step's weights."""
     env = environment()
     if delay:
         env["MOEFORGE_CHECKPOINT_DELAY_S"] = str(delay)
+        env["MOEFORGE_SNAPSHOT_DELAY_S"] = str(delay / 3)
     return subprocess.run(command([*args, f"hydra.run.dir={run_dir}"], 2), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 

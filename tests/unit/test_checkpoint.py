@@ -258,6 +258,31 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
         os.fstat(fd)
 
 
+def test_rank_image_copies_in_the_background_hands_over_when_done_and_raises_in_settle(tmp_path, monkeypatch):
+    """An asynchronous save's snapshot: `fill(then=...)` returns at once, the copy runs on a thread
+    and calls `then` once it is complete (the bytes `then` sees are the fragments'); `settle()`
+    waits for it and raises an error of the copy or of `then`."""
+    import time
+
+    from train.checkpoint_writer import write_image
+
+    monkeypatch.setenv(pstate.SNAPSHOT_DELAY_ENV, "0.5")
+    g = torch.Generator().manual_seed(2)
+    frags = [("param", "w", 0, torch.randn(50_000, generator=g)), ("exp_avg", "w", 0, torch.randn(50_000, generator=g))]
+    img = pstate.RankImage()
+    handed = []
+    t0 = time.perf_counter()
+    img.fill(frags, then=lambda: handed.append(write_image(img.view(), tmp_path / "bg.safetensors")))
+    assert time.perf_counter() - t0 < 0.4 and img.copying() and not handed
+    img.settle()
+    assert not img.copying() and handed == [pstate.write_rank_file(tmp_path / "ref.safetensors", frags)[1]]
+    img.fill(frags, then=lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        img.settle()
+    img.settle()  # reported once
+    img.close()
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_stream_writer_bytes_hash_and_partial_flush(tmp_path, monkeypatch, direct):
     """StreamWriter: the file holds exactly the bytes written, across staging-buffer boundaries and
