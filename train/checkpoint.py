@@ -11,15 +11,17 @@ iteration-directory layout; the trainer calls `save()`, `restore()` and `load(la
 
 Asynchronous saves (`checkpoint.async_save=true`), after torchtitan's / DCP's `async_save` with
 a writer process (train/checkpoint_writer.py says why a process): on the training thread `save()`
-waits for the previous save of this rank, copies the step module's fragments into an image of
-the rank file in shared host memory (parallel/state.py `RankImage`: the file's bytes in file
-order, page-aligned, reused from save to save, pinned on a GPU machine) and takes the trainer
-state, the RNG and the loader position; the rank's writer process then writes that image
-straight to disk (O_DIRECT, hashing as it goes), fsyncs the rank's files and reports them to
-rank 0 through a small record file in the temporary directory (no collective off the training
-thread). Rank 0's writer waits for every rank's record, then writes the index, trainer.json and
-manifest and commits exactly as a synchronous save does. `flush()` (collective) waits until the
-save in flight is committed.
+waits for the previous save of this rank, lays out an image of the rank file in shared host
+memory (parallel/state.py `RankImage`: the file's bytes in file order, page-aligned, reused
+from save to save, pinned on a GPU machine) and takes the trainer state, the RNG and the
+loader position. A background thread copies the step module's fragments into the image while
+the next step's forward and backward run — the optimizer update waits for it
+(`snapshot_taken`, called by the step guard) — and hands the save to the rank's writer
+process, which writes the image straight to disk (O_DIRECT, hashing as it goes), fsyncs the
+rank's files and reports them to rank 0 through a small record file in the temporary
+directory (no collective off the training thread). Rank 0's writer waits for every rank's
+record, then writes the index, trainer.json and manifest and commits exactly as a synchronous
+save does. `flush()` (collective) waits until the save in flight is committed.
 
 Retention renames the checkpoints beyond `keep` out of resume's sight as part of the commit;
 deleting their files (the kernel's work, ~14 ms for 28 MB here) happens on a thread (a
