@@ -176,7 +176,7 @@ class StreamWriter:
         done = 0
         if src is not None and self.fill == 0 and src % self.ALIGN == 0:
             # Aligned memory at an aligned file offset (an asynchronous save's file image,
-            # parallel/state.py RankImage): written straight from it, no staging copy.
+            # parallel/snapshot.py RankImage): written straight from it, no staging copy.
             done = len(view) - len(view) % self.ALIGN
             self._write_out(view[:done], done)
         while done < len(view):

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,6 @@ from model.moe import Experts
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")  # AdamW's state; "buffer" for persistent buffers
 INDEX = "index.json"  # train/checkpoint_dir.py write_index writes it
-SNAPSHOT_DELAY_ENV = "MOEFORGE_SNAPSHOT_DELAY_S"  # tests only: a background snapshot copy starts this much later
 
 
 class StateError(UserError):
@@ -252,155 +248,6 @@ def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], di
     finally:
         record = out.close()
     return rows, record
-
-
-class RankImage:
-    """A rank file laid out in host memory byte for byte as `write_rank_file` writes it: the
-    asynchronous save's snapshot (train/checkpoint.py).
-
-    `fill` copies the fragments into it on the training thread — the only part of an
-    asynchronous save that blocks training. The memory is a shared mapping of `fd` (a memfd),
-    so that the writer process (train/checkpoint_writer.py) reads the same bytes and writes them
-    to disk straight from there (page-aligned: O_DIRECT, no staging copy). It is reused from
-    save to save; on a GPU machine it is registered with CUDA (pinned), so the device-to-host
-    copies run at full speed and asynchronously until the one synchronisation at the end."""
-
-    SHARED_COPY = 1 << 23  # bytes from which a second thread shares the snapshot's copy (28 MB: 4.1 -> 3.2 ms)
-
-    def __init__(self):
-        self._img: torch.Tensor | None = None
-        self._map = None  # the mapping behind the image
-        self.fd: int | None = None  # the shared memory's file descriptor (the writer maps it)
-        self._pinned = False
-        self._plan: tuple | None = None  # (signature, rows, file order, destination views, header and data bytes) of the last fill
-        self.rows: list[list] = []
-        self.size = 0
-        self._filling: threading.Thread | None = None  # a background copy (fill with `then`)
-        self._fill_error: BaseException | None = None
-
-    def _buffer(self, size: int) -> torch.Tensor:
-        if self._img is None or self._img.numel() < size:
-            import mmap
-
-            self.close()
-            cap = -(-size // StreamWriter.CHUNK) * StreamWriter.CHUNK
-            self.fd = _shared_memory(cap)
-            self._map = mmap.mmap(self.fd, cap)  # shared, page-aligned as O_DIRECT wants
-            self._img = torch.frombuffer(self._map, dtype=torch.uint8)
-            self._pinned = _pin(self._img)
-        return self._img
-
-    def close(self) -> None:
-        """Release the memory (the writer process keeps its own mapping until it exits)."""
-        thread, self._filling = self._filling, None
-        if thread is not None:
-            thread.join()
-        if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._img.data_ptr())
-        self._img = self._plan = self._map = None
-        self._pinned = False
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def prepare(self, frags: list) -> None:
-        """The layout of `frags` in the image (rows, size, memory): worked out again only when
-        the fragments' names or sizes change — from save to save they do not."""
-        sig = [(kind, name, start, t.numel()) for kind, name, start, t in frags]
-        if self._plan is None or self._plan[0] != sig:
-            rows, head, order, data_bytes = _layout(frags)
-            img = self._buffer(len(head) + data_bytes)
-            img[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-            dsts, off = [], len(head)
-            for i in order:
-                dsts.append(img.narrow(0, off, 4 * sig[i][3]).view(torch.float32))
-                off += 4 * sig[i][3]
-            self._plan = (sig, rows, order, dsts, len(head), data_bytes)
-        self.rows, self.size = self._plan[1], self._plan[4] + self._plan[5]
-
-    def fill(self, frags: list, then=None) -> None:
-        """Copy the fragments into the image (after `prepare`). Without `then`, on this thread (two
-        threads above SHARED_COPY). With `then`, on a background thread that calls `then()` once
-        the copy is complete, while this thread goes on: the caller must `settle()` before
-        anything changes the fragments' tensors (the trainer does right before each optimizer
-        update, so the copy overlaps the next step's forward and backward, as torchtitan's
-        staging does). `settle()` also raises an error of the copy or of `then`."""
-        self.prepare(frags)
-        self.settle()
-        _, _, order, dsts, _, data_bytes = self._plan
-        srcs = [frags[i][3].detach().reshape(-1) for i in order]
-
-        def copy(lo: int, hi: int) -> None:  # one call for many tensors; it releases the GIL
-            torch._foreach_copy_(dsts[lo:hi], srcs[lo:hi], non_blocking=self._pinned)
-
-        if then is not None:
-            def work() -> None:
-                try:
-                    delay = float(os.environ.get(SNAPSHOT_DELAY_ENV, "0") or 0)  # tests: a slow copy
-                    if delay:
-                        time.sleep(delay)
-                    copy(0, len(dsts))
-                    for device in {t.device for t in srcs if t.is_cuda}:  # this thread's current device is not the trainer's
-                        torch.cuda.synchronize(device)
-                    then()
-                except BaseException as exc:  # noqa: BLE001 - raised by settle() on the training thread
-                    self._fill_error = exc
-
-            self._filling = threading.Thread(target=work, name="checkpoint-snapshot", daemon=True)
-            self._filling.start()
-            return
-        # Training waits for this copy: above SHARED_COPY two threads share it, split by bytes.
-        cut, half = 0, data_bytes / 2
-        while cut < len(dsts) and half > 0:
-            half -= 4 * dsts[cut].numel()
-            cut += 1
-        if data_bytes >= self.SHARED_COPY and 0 < cut < len(dsts):
-            helper = threading.Thread(target=copy, args=(cut, len(dsts)), name="checkpoint-snapshot")
-            helper.start()
-            copy(0, cut)
-            helper.join()
-        else:
-            copy(0, len(dsts))
-        if self._pinned:
-            torch.cuda.synchronize()  # complete before the training thread goes on
-
-    def settle(self) -> None:
-        """Wait for a background copy (and its `then`); raise its error here."""
-        thread, self._filling = self._filling, None
-        if thread is not None:
-            thread.join()
-        err, self._fill_error = self._fill_error, None
-        if err is not None:
-            raise err
-
-    def copying(self) -> bool:
-        return self._filling is not None and self._filling.is_alive()
-
-    def view(self) -> memoryview:
-        """The file's bytes (train/checkpoint_writer.py `write_image` writes them)."""
-        return memoryview(self._map)[:self.size]
-
-
-def _shared_memory(size: int) -> int:
-    """A file descriptor of `size` bytes of memory another process can map: a memfd (Linux), else an
-    unlinked temporary file."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("moeforge-checkpoint-image")
-    else:
-        import tempfile
-
-        fd = os.dup(tempfile.TemporaryFile().fileno())
-    os.ftruncate(fd, size)
-    return fd
-
-
-def _pin(img: torch.Tensor) -> bool:
-    """Register the image with CUDA (page-locked, so device-to-host copies into it are asynchronous);
-    False without CUDA or when the driver refuses (the copies are then synchronous)."""
-    if not torch.cuda.is_available():
-        return False
-    err = torch.cuda.cudart().cudaHostRegister(img.data_ptr(), img.numel(), 0)
-    return int(err) == 0
 
 
 # --------------------------------------------------------------------- reading a checkpoint

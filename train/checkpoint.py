@@ -12,7 +12,7 @@ iteration-directory layout; the trainer calls `save()`, `restore()` and `load(la
 Asynchronous saves (`checkpoint.async_save=true`), after torchtitan's / DCP's `async_save` with
 a writer process (train/checkpoint_writer.py says why a process): on the training thread `save()`
 waits for the previous save of this rank, lays out an image of the rank file in shared host
-memory (parallel/state.py `RankImage`: the file's bytes in file order, page-aligned, reused
+memory (parallel/snapshot.py `RankImage`: the file's bytes in file order, page-aligned, reused
 from save to save, pinned on a GPU machine) and takes the trainer state, the RNG and the
 loader position. A background thread copies the step module's fragments into the image while
 the next step's forward and backward run — the optimizer update waits for it
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from model.config import ConfigError
+from parallel import snapshot
 from parallel import state as pstate
 from parallel.topology import Layout
 
@@ -124,7 +125,7 @@ class CheckpointManager:
         self.resumed_from: Path | None = None
         self.async_save = bool(getattr(cfg.checkpoint, "async_save", False))
         self._code: dict | None = None
-        self._image = pstate.RankImage()  # the asynchronous save's snapshot, reused across saves
+        self._image = snapshot.RankImage()  # the asynchronous save's snapshot, reused across saves
         self._writer: writer.WriterProcess | None = None  # started by the first asynchronous save
         self._purging: threading.Thread | None = None  # deleting retired checkpoints (synchronous saves)
 

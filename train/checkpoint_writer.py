@@ -31,6 +31,7 @@ Shared with the synchronous save (train/checkpoint.py): `write_rng`, `commit_sav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -85,8 +86,6 @@ def write_rng(tmp: Path, rank: int, rng: dict) -> tuple[str, dict]:
     path = tmp / f"rank-{rank:05d}.json"
     data = json.dumps(rng).encode()
     write_file_synced(path, data)
-    import hashlib
-
     return path.name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from parallel import snapshot
 from parallel import state as pstate
 from train import checkpoint_dir as ckpt
 from train.faults import Faults, SpikeDetector, inject
@@ -222,7 +223,7 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     copied = []
     real = ctypes.memmove
     monkeypatch.setattr(durable.ctypes, "memmove", lambda d, s, n: copied.append(n) or real(d, s, n))
-    img = pstate.RankImage()
+    img = snapshot.RankImage()
     img.fill(frags)
     buf = img._img
     rows, record = img.rows, write_image(img.view(), tmp_path / "img.safetensors")
@@ -238,8 +239,8 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     calls = []
     record = write_image(img.view(), tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
     assert calls == [1] and record == pstate.write_rank_file(tmp_path / "ref2.safetensors", frags)[1]
-    monkeypatch.setattr(pstate.RankImage, "SHARED_COPY", 1)  # the copy split over two threads
-    shared = pstate.RankImage()
+    monkeypatch.setattr(snapshot.RankImage, "SHARED_COPY", 1)  # the copy split over two threads
+    shared = snapshot.RankImage()
     shared.fill(frags)
     assert write_image(shared.view(), tmp_path / "shared.safetensors") == record
     img.fill(frags[1:])  # other fragments: a new layout in the same memory
@@ -266,10 +267,10 @@ def test_rank_image_copies_in_the_background_hands_over_when_done_and_raises_in_
 
     from train.checkpoint_writer import write_image
 
-    monkeypatch.setenv(pstate.SNAPSHOT_DELAY_ENV, "0.5")
+    monkeypatch.setenv(snapshot.SNAPSHOT_DELAY_ENV, "0.5")
     g = torch.Generator().manual_seed(2)
     frags = [("param", "w", 0, torch.randn(50_000, generator=g)), ("exp_avg", "w", 0, torch.randn(50_000, generator=g))]
-    img = pstate.RankImage()
+    img = snapshot.RankImage()
     handed = []
     t0 = time.perf_counter()
     img.fill(frags, then=lambda: handed.append(write_image(img.view(), tmp_path / "bg.safetensors")))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel import snapshot
 from parallel import state as pstate
 from train import checkpoint_dir as ckpt
 from train import checkpoint_writer as writer
@@ -30,7 +31,7 @@ def fragments():
             ("buffer", "b", 0, torch.randn(7, generator=g))]
 
 
-def job(root: Path, step: int, image: pstate.RankImage, **extra) -> dict:
+def job(root: Path, step: int, image: snapshot.RankImage, **extra) -> dict:
     tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
     tmp.mkdir(parents=True)
     return {"op": "save", "tmp": str(tmp), "final": str(root / ckpt.step_dir_name(step)), "step": step, "rank": 0,
@@ -39,7 +40,7 @@ def job(root: Path, step: int, image: pstate.RankImage, **extra) -> dict:
 
 
 def test_the_writer_process_commits_what_a_synchronous_save_writes(tmp_path):
-    img = pstate.RankImage()
+    img = snapshot.RankImage()
     img.fill(fragments())
     proc = writer.WriterProcess(img.fd)
     try:
@@ -73,7 +74,7 @@ def test_the_writer_process_commits_what_a_synchronous_save_writes(tmp_path):
 
 def test_a_writer_that_dies_mid_save_is_an_error_in_the_trainer(tmp_path, monkeypatch):
     monkeypatch.setenv(writer.DELAY_ENV, "30")
-    img = pstate.RankImage()
+    img = snapshot.RankImage()
     img.fill(fragments())
     proc = writer.WriterProcess(img.fd)
     try:
@@ -95,10 +96,10 @@ def test_the_writer_dies_with_its_trainer_and_commits_nothing(tmp_path):
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from parallel import state as pstate
+        from parallel import snapshot
         from train import checkpoint_writer as writer
         from tests.unit.test_checkpoint_writer import fragments, job
-        img = pstate.RankImage()
+        img = snapshot.RankImage()
         img.fill(fragments())
         proc = writer.WriterProcess(img.fd)
         proc.submit(job(Path({str(tmp_path / 'ckpt')!r}), 1, img))
