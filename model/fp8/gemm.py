@@ -56,10 +56,19 @@ RECIPES = {
     # backward as blockwise: another negative control (E5M2 is a gradient format).
     "e5m2_forward": (("e5m2_tile", "e5m2_block"), ("tile", "block"), ("tile", "tile")),
     # Blockwise with DeepSeek's inference act_quant floor (amax ≥ 1e-4) on every operand, the
-    # defect this path once had: it flushes small gradients. A negative control.
+    # defect this path once had: it flushes the small gradients of real batch sizes. A negative
+    # control, run with its gradients at a real batch's magnitude (GRAD_SCALES).
     "amax_floor": (("tile", "block"), ("tile", "block"), ("tile", "tile")),
 }
 FLOORS = {"amax_floor": 1e-4}
+# The output gradient dy scaled by this before its quantisations and the GEMM results scaled
+# back, for the control: a mean loss over N tokens gives each token's activations gradients
+# ∝ 1/N, so 2^-18 puts a 256-token test step's gradients where DeepSeek-V3's 63M-token (2^26)
+# batch has them, where the floor flushed them. At 2^-14 (a 4M-token batch) the control lost
+# 0.03 in the 300-step test, inside the spread of seeds; at 2^-18, 0.73 (bench/RESULTS.md).
+# Exact for any recipe without a floor: power-of-two scalings commute with amax scaling, and
+# the gradients stay far above float32's subnormals (tests/unit/test_fp8.py).
+GRAD_SCALES = {"amax_floor": 2.0 ** -18}
 
 
 def _floor(spec: "Fp8Spec") -> float:
@@ -298,13 +307,15 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         sizes, spec = ctx.sizes, ctx.spec
         _, (g_dy, g_w), (g_dyt, g_xt) = RECIPES[spec.recipe]
-        dy = dy.contiguous()
+        g = GRAD_SCALES.get(spec.recipe, 1.0)
+        dy = dy.contiguous() if g == 1.0 else dy * g
 
         def wgrad() -> torch.Tensor:  # dw[e] = dy[seg e]ᵀ · x[seg e], reduced over the segment's tokens
             if x.size(0) == 0:
                 return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            return _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
-                                  sizes, spec, w)
+            dw = _segment_wgrad(quant_along_rows(dy, g_dyt, sizes, spec), quant_along_rows(x, g_xt, sizes, spec),
+                                sizes, spec, w)
+            return dw if g == 1.0 else dw.div_(g)
 
         dx = dw = None
         if x.size(0) == 0:
@@ -312,6 +323,8 @@ class _Fp8GroupedLinearFn(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:  # dx[seg e] = dy[seg e] · w[e]: w[e]ᵀ (K, N) quantised along N
             qwt = ctx.qw.t() if ctx.qw is not None else quant_weights(w.transpose(1, 2), g_w, spec)
             dx = _segment_mm(quant_along_columns(dy, g_dy, sizes, spec), qwt, sizes, spec, x.dtype, tuple(x.shape))
+            if g != 1.0:
+                dx = dx.div_(g)
         if ctx.defer is not None:
             slot = ctx.slot
             ctx.defer.push(lambda: {slot: wgrad()})  # later, behind the reverse dispatch

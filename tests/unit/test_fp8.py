@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from model import Transformer
 from model.config import ConfigError
 from model.fp8 import check_capability, linear_shapes
+from model.fp8 import gemm
 from model.fp8.gemm import Fp8Linear, Fp8Spec, fp8_linear
 from model.fp8.quant import E4M3, E4M3_MAX, dequantize, quantize
 from model.linear import Precision, precision
@@ -153,6 +154,35 @@ def test_negative_control_recipes_are_what_they_claim():
         fp8_linear(xf, wf, Fp8Spec("emulated", recipe)).backward(mixed)
         assert bar(sqnr(ref, xf.grad[1::2])), (recipe, sqnr(ref, xf.grad[1::2]))
     assert run("e5m2_forward", 1.0)[0] < good[0] - 4
+
+
+def test_the_amax_floor_control_sees_a_pretraining_batchs_gradients_and_blockwise_is_blind_to_their_size(monkeypatch):
+    """GRAD_SCALES: the amax_floor control quantises dy at the magnitude DeepSeek-V3's 63M-token
+    batch gives it (2^-18 × a 256-token test step's), where the floor flushes it; at the test step's own
+    magnitude the floor would not bite and the control would train as blockwise does. The same
+    power-of-two scaling leaves blockwise's dx and dw bit for bit unchanged."""
+    g = torch.Generator().manual_seed(29)
+    x = torch.randn(256, 256, generator=g)
+    w = torch.randn(128, 256, generator=g) * 0.05
+    dy = torch.randn(256, 128, generator=g) * 1e-5  # per-element gradients of a 256-token step's middle layers
+
+    def grads(recipe: str):
+        xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        fp8_linear(xf, wf, Fp8Spec("emulated", recipe)).backward(dy)
+        return xf.grad, wf.grad
+
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    (xr @ wr.t()).backward(dy.double())
+    control = grads("amax_floor")
+    lost = sqnr(xr.grad, control[0]), sqnr(wr.grad, control[1])
+    assert max(lost) < 5, lost  # 0.0 dB: flushed (blockwise: 28.5; 13.7 dB at 2^-14)
+    plain = grads("blockwise")
+    monkeypatch.setattr(gemm, "GRAD_SCALES", {"blockwise": 2.0 ** -18})
+    scaled = grads("blockwise")
+    assert torch.equal(plain[0], scaled[0]) and torch.equal(plain[1], scaled[1])
+    monkeypatch.setattr(gemm, "GRAD_SCALES", {})
+    unscaled_control = grads("amax_floor")
+    assert sqnr(xr.grad, unscaled_control[0]) >= 25 and sqnr(wr.grad, unscaled_control[1]) >= 25
 
 
 @pytest.mark.parametrize("backend, recipe", [("emulated", "blockwise"), ("torch", "rowwise")])
