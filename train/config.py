@@ -161,6 +161,9 @@ class TrainerConfig:
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (DeepSeek-V3 §2.1.2)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     max_skipped: int = 10  # consecutive skipped updates (non-finite values, loss spikes) before the run stops
+    # Python's cyclic garbage collector runs every this many steps on every rank, not at random
+    # (train/garbage.py, as torchtitan's gc_freq); 0 = Python's automatic collection.
+    gc_interval: int = 50
     # Seconds for the process group and DeepSpeed's comm backend to come up before the run ends
     # with one line naming what it waits for and exit 5 (parallel/startup.py); 0 = wait forever.
     startup_timeout_s: int = 600
@@ -384,6 +387,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"trainer.startup_timeout_s={t.startup_timeout_s}: must be >= 0 (0 = no startup watchdog)")
     if t.max_skipped < 1:
         raise ConfigError(f"trainer.max_skipped={t.max_skipped}: must be >= 1")
+    if t.gc_interval < 0:
+        raise ConfigError(f"trainer.gc_interval={t.gc_interval}: must be >= 0 (0 = Python's automatic collection)")
     if t.attention == "flex" and cfg.data.document_aware:
         import torch
 

@@ -42,6 +42,7 @@ from . import metrics as M
 from .checkpoint import CheckpointManager, seed_everything
 from .config import Config
 from .faults import Faults, Preemption, SpikeDetector
+from .garbage import GarbageSchedule
 from .log import MetricsLogger
 from .schedule import gamma_at, global_batch_at, lr_at, mtp_lambda_at
 from .step import Coefficients, TrainError, build_step_module
@@ -118,6 +119,7 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         self._clock: _Clock | None = None
         self._last_save = time.monotonic()  # wall-time checkpoints count from the start
+        self.garbage = GarbageSchedule(t.gc_interval)
 
     # what tests, benchmarks and the CLI read
     step = property(lambda self: self.progress.step)
@@ -157,6 +159,7 @@ class Trainer:
         self.train_iter = iter(train_loader)
         self.preemption.install()
         self.logger = MetricsLogger(self.run_dir, cfg.logging, self.rank, t.max_steps, run_config=asdict(cfg))
+        self.garbage.start()  # last: what setup built is frozen out of every later collection
 
     # ------------------------------------------------------------------ step
     def _batch(self) -> dict:
@@ -186,6 +189,7 @@ class Trainer:
         pr.advance(tokens, res.skipped is not None, v.loss)
         if res.skipped is None and t.spike.action != "off":
             self.spike.accept(v.loss)
+        self.garbage.step(pr.step)
         return {"loss": v.loss, "mtp_loss": v.mtp_loss, "balance_loss": v.balance_loss, "lr": coefs.lr,
                 "grad_norm": res.grad_norm, "mtp_lambda": coefs.mtp_lambda, "bias_gamma": coefs.bias_gamma,
                 "tokens": tokens, "load": res.load, "skipped": res.skipped, "preempt": v.preempt,
@@ -253,7 +257,8 @@ class Trainer:
         self.checkpointer.flush()  # an asynchronous save in flight is committed before fit returns
         return {**clock.summary, "tokens_per_s": clock.throughput.overall(),
                 "elapsed_s": time.perf_counter() - clock.start, "tokens_seen": self.tokens_seen,
-                "skipped_updates": self.progress.skipped_total}
+                "skipped_updates": self.progress.skipped_total, "gc_collections": self.garbage.collections,
+                "gc_s": self.garbage.seconds}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -356,6 +361,7 @@ class Trainer:
         return {f"expert_load/layer_{i}": row.tolist() for i, row in enumerate(load)}
 
     def close(self) -> None:
+        self.garbage.close()
         if getattr(self, "checkpointer", None) is not None:
             self.checkpointer.close()  # a save in flight: this rank's files finish (flush() commits it)
         if getattr(self, "train_loader", None) is not None:

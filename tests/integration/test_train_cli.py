@@ -59,6 +59,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     (["trainer.attention=flex", "data.document_aware=true"], "trainer.attention=flex: needs a CUDA device"),
     ("data.sources=[{path: /a, on_exhausted: bogus}]", "data.sources[].on_exhausted='bogus': must be one of"),
     ("data.sources=[{path: /a, weight: -1}]", "data.sources[0].weight=-1.0: must be a finite number >= 0"),
+    ("trainer.gc_interval=-1", "trainer.gc_interval=-1: must be >= 0"),
 ])
 def test_bad_config_is_one_line_and_builds_nothing(override, needle, tmp_path, dataset):
     run_dir = tmp_path / "run"
@@ -106,9 +107,10 @@ def test_non_finite_loss_stops_after_max_skipped_updates_without_saving(tmp_path
 def test_single_process_run_writes_run_directory(tmp_path, dataset):
     run_dir = tmp_path / "run"
     r = run_train([f"data.path={dataset}", *TINY, "trainer.max_steps=6", "trainer.eval_interval=3",
-                   "trainer.eval_batches=2", f"hydra.run.dir={run_dir}"], tmp_path)
+                   "trainer.eval_batches=2", "trainer.gc_interval=3", f"hydra.run.dir={run_dir}"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "moeforge run summary" in r.stdout
+    assert "garbage collection 2 scheduled" in r.stdout  # steps 3 and 6 (train/garbage.py)
     train = metrics(run_dir)
     assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "expert_load_cv",
