@@ -14,7 +14,7 @@ import time
 import torch
 
 from data.durable import StreamWriter
-from parallel.state import _layout
+from parallel.state import file_layout
 
 SNAPSHOT_DELAY_ENV = "MOEFORGE_SNAPSHOT_DELAY_S"  # tests only: a background snapshot copy starts this much later
 
@@ -73,7 +73,7 @@ class RankImage:
         the fragments' names or sizes change — from save to save they do not."""
         sig = [(kind, name, start, t.numel()) for kind, name, start, t in frags]
         if self._plan is None or self._plan[0] != sig:
-            rows, head, order, data_bytes = _layout(frags)
+            rows, head, order, data_bytes = file_layout(frags)
             img = self._buffer(len(head) + data_bytes)
             img[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
             dsts, off = [], len(head)

@@ -205,7 +205,7 @@ def fragments(module: nn.Module, optimizer, n_routed_experts: int, owner: bool, 
     return out, shapes
 
 
-def _layout(frags: list) -> tuple[list[list], bytes, list[int], int]:
+def file_layout(frags: list) -> tuple[list[list], bytes, list[int], int]:
     """A rank file's index rows, its header (length prefix included) and the order of the
     fragments in the file: safetensors' layout, every tensor float32 and 1-D, in name order as
     its own writer orders them, the JSON padded with spaces to a multiple of 8; and the bytes of
@@ -227,12 +227,12 @@ def write_rank_file(path: Path, frags: list, crash=None) -> tuple[list[list], di
     """Write fragments into one safetensors file, fsynced; returns the index rows [kind, name,
     start, numel] and the file's record {"size", "sha256"} for the manifest.
 
-    The file is streamed tensor by tensor (`_layout`), each tensor's bytes straight from its
+    The file is streamed tensor by tensor (`file_layout`), each tensor's bytes straight from its
     memory, through data/durable.py `StreamWriter` (O_DIRECT where allowed, SHA-256 as the
     bytes go). Nothing is serialised into one buffer first and nothing is read back
     (bench/checkpoint.py). `crash()` runs halfway through the write (fault injection: a rank
     killed mid-write)."""
-    rows, head, order, data_bytes = _layout(frags)
+    rows, head, order, data_bytes = file_layout(frags)
     out = StreamWriter(path)
     try:
         out.write(head)
