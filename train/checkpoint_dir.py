@@ -66,13 +66,19 @@ def file_record(path: Path) -> tuple[str, dict]:
     return path.name, {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def write_small_file(path: Path, data: bytes) -> tuple[str, dict]:
+    """Write `data` durably and return its manifest record from the bytes in hand (no re-read)."""
+    write_file_synced(path, data)
+    return path.name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_manifest(tmp: Path, records: dict[str, dict], step: int) -> None:
     body = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(records.items()))}
     write_file_synced(tmp / MANIFEST, json.dumps(body, indent=1).encode())
     fsync_path(tmp)
 
 
-def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:
+def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> tuple[str, dict]:
     """index.json: every tensor's global shape and which file holds which range of it (the rows
     [kind, name, start, numel] of each rank file; parallel/state.py `Reader` reads it)."""
     entries: dict[str, dict[str, list]] = {}
@@ -83,7 +89,7 @@ def write_index(path: Path, shapes: dict, files: dict[str, list[list]]) -> None:
         for frs in per_kind.values():
             frs.sort()
     # Compact: json's C encoder (an indented dump runs the pure-Python one, ~7 ms at the smoke size).
-    write_file_synced(path, json.dumps({"format_version": 1, "shapes": {k: list(v) for k, v in shapes.items()},
+    return write_small_file(path, json.dumps({"format_version": 1, "shapes": {k: list(v) for k, v in shapes.items()},
                                         "fragments": entries}, sort_keys=True, separators=(",", ":")).encode())
 
 

@@ -99,9 +99,8 @@ def commit_save(tmp: Path, final: Path, step: int, gathered: list, trainer: dict
         shapes.update(sh)
         records.update(rec)
         files[fname] = rows
-    ckpt.write_index(tmp / ckpt.INDEX, shapes, files)
-    write_file_synced(tmp / "trainer.json", json.dumps(trainer, indent=1).encode())
-    records.update(dict(ckpt.file_record(tmp / n) for n in (ckpt.INDEX, "trainer.json")))
+    records.update([ckpt.write_index(tmp / ckpt.INDEX, shapes, files),
+                    ckpt.write_small_file(tmp / "trainer.json", json.dumps(trainer, indent=1).encode())])
     ckpt.write_manifest(tmp, records, step)
     crash_point("manifest")
     ckpt.commit(tmp, final)
