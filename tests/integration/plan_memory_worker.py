@@ -43,8 +43,10 @@ def _storages(tensors) -> dict[int, int]:
 def main(out: str, overrides: list[str]) -> None:
     env = DistEnv.from_environ()
     init_distributed(torch.device("cpu"))
+    # gc_interval=0: the gradients are found through gc.get_objects(), which does not list the
+    # objects a scheduled collector freezes after setup (train/garbage.py).
     cfg = to_config(compose(["trainer.eval_interval=0", "logging.wandb.mode=disabled", "logging.progress_bar=false",
-                             "trainer.threads=1", "trainer.max_steps=1", *overrides]))
+                             "trainer.threads=1", "trainer.max_steps=1", "trainer.gc_interval=0", *overrides]))
     dp = check_layout(cfg, env.world_size)
     t = cfg.trainer
 
