@@ -178,8 +178,8 @@ def _print_summary(summary: dict, run_dir: Path, entropy: float | None) -> None:
     lines.append(f"throughput         {tok_s:,.0f} tokens/s" if tok_s else "throughput         n/a")
     lines.append(f"elapsed            {summary.get('elapsed_s', 0):.1f} s, {summary.get('tokens_seen', 0):,} tokens")
     if summary.get("gc_collections"):
-        lines.append(f"garbage collection {summary['gc_collections']} scheduled, {1e3 * summary['gc_s']:.1f} ms in all "
-                     "(trainer.gc_interval)")
+        lines.append(f"garbage collection {summary['gc_collections']} scheduled, {1e3 * summary['gc_s']:.1f} ms in all, "
+                     f"{summary['gc_freed']:,} objects freed (trainer.gc_interval)")
     lines.append(f"run directory      {run_dir}")
     lines.append(f"metrics            {run_dir / 'metrics.jsonl'}")
     lines.append(f"plots              {', '.join(str(p) for p in plots) if plots else 'none'}")

@@ -30,6 +30,7 @@ class GarbageSchedule:
         self.active = False
         self.collections = 0
         self.seconds = 0.0  # spent in scheduled collections
+        self.freed = 0  # unreachable objects they found (cycles the steps left behind)
 
     def start(self) -> None:
         if not self.interval or self.active:
@@ -43,7 +44,7 @@ class GarbageSchedule:
     def step(self, step: int) -> None:
         if self.active and step % self.interval == 0:
             t = time.perf_counter()
-            gc.collect()  # every generation: only the objects created since start() are walked
+            self.freed += gc.collect()  # every generation: only the objects created since start() are walked
             self.seconds += time.perf_counter() - t
             self.collections += 1
 

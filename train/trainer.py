@@ -258,7 +258,7 @@ class Trainer:
         return {**clock.summary, "tokens_per_s": clock.throughput.overall(),
                 "elapsed_s": time.perf_counter() - clock.start, "tokens_seen": self.tokens_seen,
                 "skipped_updates": self.progress.skipped_total, "gc_collections": self.garbage.collections,
-                "gc_s": self.garbage.seconds}
+                "gc_s": self.garbage.seconds, "gc_freed": self.garbage.freed}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
