@@ -2,16 +2,17 @@
 
 CPython starts a collection whenever allocations outnumber deallocations by a threshold; a
 full (generation-2) collection walks every tracked object, which in a trainer holding a model,
-DeepSpeed's engine and their modules took 285 ms in the CPU smoke run (bench/RESULTS.md). It lands at a random step on each rank, so in data or pipeline parallelism every rank
-waits for the slowest: one rank's pause stalls them all, at a different step each time.
+DeepSpeed's engine and their modules took 285 ms in the CPU smoke run (bench/RESULTS.md). It
+lands at a random step on each rank, so in data or pipeline parallelism every rank waits for
+the slowest: one rank's pause stalls them all, at a different step each time.
 
 torchtitan (`training.gc_freq`) and Megatron-Core (`--manual-gc`, `--manual-gc-interval`)
 turn automatic collection off and collect every N steps, on every rank at the same step. This
 follows them, and also freezes what exists once setup is done (`gc.freeze`: the model, the
 engine, imported modules), so a scheduled collection walks only what the steps allocated since
 and costs under a millisecond (0.3-0.5 ms there). Frozen objects are still freed when their
-last reference goes; only cycles among them would stay. `trainer.gc_interval=0` leaves Python's automatic collector
-as it is.
+last reference goes; only cycles among them would stay. `trainer.gc_interval=0` leaves
+Python's automatic collector as it is.
 """
 
 from __future__ import annotations
