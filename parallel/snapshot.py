@@ -7,6 +7,7 @@ parallel/state.py, which addresses, writes and reads the state.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -23,21 +24,21 @@ class RankImage:
     """A rank file laid out in host memory byte for byte as `write_rank_file` writes it: the
     asynchronous save's snapshot (train/checkpoint.py).
 
-    `fill` copies the fragments into it on the training thread — the only part of an
-    asynchronous save that blocks training. The memory is a shared mapping of `fd` (a memfd),
+    `prepare` lays the fragments out in it (worked out again only when their names or sizes
+    change); `fill` copies them, on a background thread beside the next step's forward and
+    backward when given a `then` (the asynchronous save). The memory is a shared mapping of `fd` (a memfd),
     so that the writer process (train/checkpoint_writer.py) reads the same bytes and writes them
     to disk straight from there (page-aligned: O_DIRECT, no staging copy). It is reused from
     save to save; on a GPU machine it is registered with CUDA (pinned), so the device-to-host
     copies run at full speed and asynchronously until the one synchronisation at the end."""
-
-    SHARED_COPY = 1 << 23  # bytes from which a second thread shares the snapshot's copy (28 MB: 4.1 -> 3.2 ms)
 
     def __init__(self):
         self._img: torch.Tensor | None = None
         self._map = None  # the mapping behind the image
         self.fd: int | None = None  # the shared memory's file descriptor (the writer maps it)
         self._pinned = False
-        self._plan: tuple | None = None  # (signature, rows, file order, destination views, header and data bytes) of the last fill
+        self._plan: tuple | None = None  # (signature, rows, destination views, header and data bytes) of the last layout
+        self._srcs: list[torch.Tensor] = []  # the prepared fragments' tensors, in file order
         self.rows: list[list] = []
         self.size = 0
         self._filling: threading.Thread | None = None  # a background copy (fill with `then`)
@@ -45,8 +46,6 @@ class RankImage:
 
     def _buffer(self, size: int) -> torch.Tensor:
         if self._img is None or self._img.numel() < size:
-            import mmap
-
             self.close()
             cap = -(-size // StreamWriter.CHUNK) * StreamWriter.CHUNK
             self.fd = _shared_memory(cap)
@@ -69,8 +68,9 @@ class RankImage:
             self.fd = None
 
     def prepare(self, frags: list) -> None:
-        """The layout of `frags` in the image (rows, size, memory): worked out again only when
-        the fragments' names or sizes change — from save to save they do not."""
+        """The layout of `frags` in the image (rows, size, memory), for the next `fill`: worked out
+        again only when the fragments' names or sizes change — from save to save they do not."""
+        self.settle()  # a copy in flight writes into the image
         sig = [(kind, name, start, t.numel()) for kind, name, start, t in frags]
         if self._plan is None or self._plan[0] != sig:
             rows, head, order, data_bytes = file_layout(frags)
@@ -82,52 +82,40 @@ class RankImage:
                 off += 4 * sig[i][3]
             self._plan = (sig, rows, order, dsts, len(head), data_bytes)
         self.rows, self.size = self._plan[1], self._plan[4] + self._plan[5]
+        self._srcs = [frags[i][3].detach().reshape(-1) for i in self._plan[2]]
 
-    def fill(self, frags: list, then=None) -> None:
-        """Copy the fragments into the image (after `prepare`). Without `then`, on this thread (two
-        threads above SHARED_COPY). With `then`, on a background thread that calls `then()` once
-        the copy is complete, while this thread goes on: the caller must `settle()` before
-        anything changes the fragments' tensors (the trainer does right before each optimizer
-        update, so the copy overlaps the next step's forward and backward, as torchtitan's
-        staging does). `settle()` also raises an error of the copy or of `then`."""
-        self.prepare(frags)
-        self.settle()
-        _, _, order, dsts, _, data_bytes = self._plan
-        srcs = [frags[i][3].detach().reshape(-1) for i in order]
+    def fill(self, then=None) -> None:
+        """Copy the prepared fragments into the image. Without `then`, on this thread. With `then`,
+        on a background thread that calls `then()` once the copy is complete, while this thread
+        goes on: the caller must `settle()` before anything changes the fragments' tensors (the
+        trainer does right before each optimizer update, so the copy overlaps the next step's
+        forward and backward, as torchtitan's staging does). `settle()` also raises an error of
+        the copy or of `then`."""
+        dsts, srcs, self._srcs = self._plan[3], self._srcs, []
 
-        def copy(lo: int, hi: int) -> None:  # one call for many tensors; it releases the GIL
-            torch._foreach_copy_(dsts[lo:hi], srcs[lo:hi], non_blocking=self._pinned)
+        def copy() -> None:  # one call for many tensors; it releases the GIL
+            torch._foreach_copy_(dsts, srcs, non_blocking=self._pinned)
 
-        if then is not None:
-            def work() -> None:
-                try:
-                    delay = float(os.environ.get(SNAPSHOT_DELAY_ENV, "0") or 0)  # tests: a slow copy
-                    if delay:
-                        time.sleep(delay)
-                    copy(0, len(dsts))
-                    for device in {t.device for t in srcs if t.is_cuda}:  # this thread's current device is not the trainer's
-                        torch.cuda.synchronize(device)
-                    then()
-                except BaseException as exc:  # noqa: BLE001 - raised by settle() on the training thread
-                    self._fill_error = exc
-
-            self._filling = threading.Thread(target=work, name="checkpoint-snapshot", daemon=True)
-            self._filling.start()
+        if then is None:
+            copy()
+            if self._pinned:
+                torch.cuda.synchronize()  # complete before the caller goes on
             return
-        # Training waits for this copy: above SHARED_COPY two threads share it, split by bytes.
-        cut, half = 0, data_bytes / 2
-        while cut < len(dsts) and half > 0:
-            half -= 4 * dsts[cut].numel()
-            cut += 1
-        if data_bytes >= self.SHARED_COPY and 0 < cut < len(dsts):
-            helper = threading.Thread(target=copy, args=(cut, len(dsts)), name="checkpoint-snapshot")
-            helper.start()
-            copy(0, cut)
-            helper.join()
-        else:
-            copy(0, len(dsts))
-        if self._pinned:
-            torch.cuda.synchronize()  # complete before the training thread goes on
+
+        def work() -> None:
+            try:
+                delay = float(os.environ.get(SNAPSHOT_DELAY_ENV, "0") or 0)  # tests: a slow copy
+                if delay:
+                    time.sleep(delay)
+                copy()
+                for device in {t.device for t in srcs if t.is_cuda}:  # this thread's current device is not the trainer's
+                    torch.cuda.synchronize(device)
+                then()
+            except BaseException as exc:  # noqa: BLE001 - raised by settle() on the training thread
+                self._fill_error = exc
+
+        self._filling = threading.Thread(target=work, name="checkpoint-snapshot", daemon=True)
+        self._filling.start()
 
     def settle(self) -> None:
         """Wait for a background copy (and its `then`); raise its error here."""

@@ -232,7 +232,7 @@ class CheckpointManager:
         # The snapshot: the fragments' bytes copied into the shared image on a background thread
         # while the next step's forward and backward run; `snapshot_taken()` holds the optimizer
         # update until the copy is done, and the copy hands the save to the writer process.
-        self._image.fill(frags, then=lambda: self._writer.submit(job))
+        self._image.fill(then=lambda: self._writer.submit(job))
         return final
 
     def snapshot_taken(self) -> None:

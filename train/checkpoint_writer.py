@@ -31,7 +31,6 @@ Shared with the synchronous save (train/checkpoint.py): `write_rng`, `commit_sav
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
@@ -83,10 +82,7 @@ def write_rng(tmp: Path, rank: int, rng: dict) -> tuple[str, dict]:
     packed or not (the file holds the unpacked form)."""
     if isinstance(rng.get("torch"), str):
         rng = {**rng, "torch": list(bytes.fromhex(rng["torch"])), "cuda": [list(bytes.fromhex(c)) for c in rng["cuda"]]}
-    path = tmp / f"rank-{rank:05d}.json"
-    data = json.dumps(rng).encode()
-    write_file_synced(path, data)
-    return path.name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return ckpt.write_small_file(tmp / f"rank-{rank:05d}.json", json.dumps(rng).encode())
 
 
 def commit_save(tmp: Path, final: Path, step: int, gathered: list, trainer: dict, keep: int,

@@ -205,8 +205,8 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     """The asynchronous save's snapshot (RankImage) holds the rank file's bytes: written, the file
     equals write_rank_file's, with the same rows and record; the image is page-aligned, so its
     bytes reach the file without the staging copy (only the unaligned tail is staged); a second
-    fill reuses the buffer; the crash-injection path and the two-thread copy write the same
-    file; another process reads the same bytes through the image's descriptor."""
+    fill reuses the buffer; the crash-injection path and a second image write the same file;
+    another process reads the same bytes through the image's descriptor."""
     import ctypes
     import os
     import subprocess
@@ -224,7 +224,8 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     real = ctypes.memmove
     monkeypatch.setattr(durable.ctypes, "memmove", lambda d, s, n: copied.append(n) or real(d, s, n))
     img = snapshot.RankImage()
-    img.fill(frags)
+    img.prepare(frags)
+    img.fill()
     buf = img._img
     rows, record = img.rows, write_image(img.view(), tmp_path / "img.safetensors")
     assert (tmp_path / "img.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
@@ -234,16 +235,18 @@ def test_rank_image_writes_the_same_file_straight_from_its_memory(tmp_path, monk
     if probe.direct:
         assert sum(copied) < durable.StreamWriter.ALIGN  # only the last partial block was staged
     frags[0][3].mul_(2)
-    img.fill(frags)
+    img.prepare(frags)
+    img.fill()
     assert img._img is buf
     calls = []
     record = write_image(img.view(), tmp_path / "crash.safetensors", crash=lambda: calls.append(1))
     assert calls == [1] and record == pstate.write_rank_file(tmp_path / "ref2.safetensors", frags)[1]
-    monkeypatch.setattr(snapshot.RankImage, "SHARED_COPY", 1)  # the copy split over two threads
     shared = snapshot.RankImage()
-    shared.fill(frags)
+    shared.prepare(frags)
+    shared.fill()
     assert write_image(shared.view(), tmp_path / "shared.safetensors") == record
-    img.fill(frags[1:])  # other fragments: a new layout in the same memory
+    img.prepare(frags[1:])  # other fragments: a new layout in the same memory
+    img.fill()
     assert img._img is buf
     assert write_image(img.view(), tmp_path / "fewer.safetensors") == \
         pstate.write_rank_file(tmp_path / "ref3.safetensors", frags[1:])[1]
@@ -273,11 +276,13 @@ def test_rank_image_copies_in_the_background_hands_over_when_done_and_raises_in_
     img = snapshot.RankImage()
     handed = []
     t0 = time.perf_counter()
-    img.fill(frags, then=lambda: handed.append(write_image(img.view(), tmp_path / "bg.safetensors")))
+    img.prepare(frags)
+    img.fill(then=lambda: handed.append(write_image(img.view(), tmp_path / "bg.safetensors")))
     assert time.perf_counter() - t0 < 0.4 and img.copying() and not handed
     img.settle()
     assert not img.copying() and handed == [pstate.write_rank_file(tmp_path / "ref.safetensors", frags)[1]]
-    img.fill(frags, then=lambda: 1 / 0)
+    img.prepare(frags)
+    img.fill(then=lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         img.settle()
     img.settle()  # reported once

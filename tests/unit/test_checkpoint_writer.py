@@ -41,7 +41,8 @@ def job(root: Path, step: int, image: snapshot.RankImage, **extra) -> dict:
 
 def test_the_writer_process_commits_what_a_synchronous_save_writes(tmp_path):
     img = snapshot.RankImage()
-    img.fill(fragments())
+    img.prepare(fragments())
+    img.fill()
     proc = writer.WriterProcess(img.fd)
     try:
         root = tmp_path / "ckpt"
@@ -75,7 +76,8 @@ def test_the_writer_process_commits_what_a_synchronous_save_writes(tmp_path):
 def test_a_writer_that_dies_mid_save_is_an_error_in_the_trainer(tmp_path, monkeypatch):
     monkeypatch.setenv(writer.DELAY_ENV, "30")
     img = snapshot.RankImage()
-    img.fill(fragments())
+    img.prepare(fragments())
+    img.fill()
     proc = writer.WriterProcess(img.fd)
     try:
         proc.submit(job(tmp_path / "ckpt", 1, img))
@@ -100,7 +102,8 @@ def test_the_writer_dies_with_its_trainer_and_commits_nothing(tmp_path):
         from train import checkpoint_writer as writer
         from tests.unit.test_checkpoint_writer import fragments, job
         img = snapshot.RankImage()
-        img.fill(fragments())
+        img.prepare(fragments())
+        img.fill()
         proc = writer.WriterProcess(img.fd)
         proc.submit(job(Path({str(tmp_path / 'ckpt')!r}), 1, img))
         print(proc.proc.pid, flush=True)
