@@ -10,9 +10,11 @@ torchtitan (`training.gc_freq`) and Megatron-Core (`--manual-gc`, `--manual-gc-i
 turn automatic collection off and collect every N steps, on every rank at the same step. This
 follows them, and also freezes what exists once setup is done (`gc.freeze`: the model, the
 engine, imported modules), so a scheduled collection walks only what the steps allocated since
-and costs under a millisecond (0.3-0.5 ms there). Frozen objects are still freed when their
-last reference goes; only cycles among them would stay. `trainer.gc_interval=0` leaves
-Python's automatic collector as it is.
+and is cheaper: 0.3-0.5 ms in a smoke run without evaluation or checkpoints, 30-72 ms in the
+full smoke run, whose evaluations and saves leave objects every later collection walks
+(bench/RESULTS.md). Either way it lands on every rank at the same step. Frozen objects are
+still freed when their last reference goes; only cycles among them would stay.
+`trainer.gc_interval=0` leaves Python's automatic collector as it is.
 """
 
 from __future__ import annotations
